@@ -1,0 +1,236 @@
+"""Benchmark TIGER + RASTP side by side in one process, on synthetic inputs of Amazon Beauty's shape (not a test).
+
+    python bench/rastp.py [--batch-size 256 --train-steps 5 --eval-users 128 --beam-size 20]
+
+Synthetic data: 12,101 items with random 3 x 256 SIDs + a de-duplication code, histories of 20 items (80 tokens)
+after 1 user token, batch 256: the shapes of Beauty, no signal. Everything runs with the same seed and data.
+1. training speed, RASTP off vs on (target: on >= 1.36x faster; quality needs real data: see --help of train stage)
+2. evaluation: our beam search vs `t5.generate(num_beams, prefix_allowed_tokens_fn)` on the same model and users:
+   same top-10 lists, users/s (target >= 5x faster)
+3. wrapper overhead: a Tiger training step vs a stock T5ForConditionalGeneration step of the same sizes (no slower)
+4. peak memory of training and evaluation, each in a fresh process (CUDA: peak allocated; CPU: peak RSS increase)
+Prints a table and writes bench/results/rastp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import sys
+import time
+from pathlib import Path
+
+# This script is named like the package: keep its folder off the import path so that `rastp` is the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from rastp.beam_search import SidCatalogue, beam_search  # noqa: E402
+from rastp.io import write_json  # noqa: E402
+from rastp.tiger import Tiger  # noqa: E402
+
+ITEMS, LEVELS, CODES, DEDUP, USER_BUCKETS, HISTORY = 12_101, 3, 256, 256, 2000, 20
+SID_LENGTH = LEVELS + 1
+VOCAB = 1 + LEVELS * CODES + DEDUP + USER_BUCKETS  # the lead's layout: pad, level codes, dedup codes, user tokens
+
+
+def synthetic_catalogue(generator: torch.Generator) -> torch.Tensor:
+    """[ITEMS, 4] token ids: random codes per level; the dedup code numbers the items sharing a 3-code prefix."""
+    codes = torch.randint(CODES, (ITEMS, LEVELS), generator=generator)
+    _, group = torch.unique(codes, dim=0, return_inverse=True)
+    order = torch.argsort(group, stable=True)
+    first = torch.searchsorted(group[order], group[order])  # first index of each item's group in sorted order
+    dedup = torch.empty_like(group)
+    dedup[order] = torch.arange(ITEMS) - first
+    sids = torch.cat([codes, dedup[:, None]], dim=1)
+    return 1 + torch.arange(SID_LENGTH) * CODES + sids
+
+
+def synthetic_batch(sid_tokens: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    items = torch.randint(ITEMS, (batch_size, HISTORY + 1), generator=generator)
+    users = 1 + LEVELS * CODES + DEDUP + torch.randint(USER_BUCKETS, (batch_size, 1), generator=generator)
+    input_ids = torch.cat([users, sid_tokens[items[:, :-1]].flatten(1)], dim=1)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": sid_tokens[items[:, -1]]}
+
+
+def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
+    """`stock`: T5ForConditionalGeneration alone; `tiger`: pruning off; `rastp`: pruning on (params' settings)."""
+    sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
+                                          "dropout")}
+    rastp = {**tiger_params["rastp"], "enabled": variant == "rastp"}
+    torch.manual_seed(seed)
+    model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp)
+    return model.t5 if variant == "stock" else model
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    loss = model(**batch) if isinstance(model, Tiger) else model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def generate_top_k(model: Tiger, batch: dict, catalogue: SidCatalogue, beam_size: int, top_k: int) -> torch.Tensor:
+    """Stock HF beam search constrained by the trie through prefix_allowed_tokens_fn; [B, top_k] item indices."""
+    sids = catalogue.sid_tokens.tolist()
+    allowed: dict[tuple, set] = {}
+    for sid in sids:
+        for level in range(SID_LENGTH):
+            allowed.setdefault(tuple(sid[:level]), set()).add(sid[level])
+    allowed_lists = {prefix: sorted(tokens) for prefix, tokens in allowed.items()}
+    item_of = {tuple(sid): item for item, sid in enumerate(sids)}
+    out = model.t5.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=beam_size,
+                            num_return_sequences=top_k, max_new_tokens=SID_LENGTH, min_new_tokens=SID_LENGTH,
+                            do_sample=False, length_penalty=0.0, early_stopping=True,
+                            prefix_allowed_tokens_fn=lambda _, sent: allowed_lists[tuple(sent[1:].tolist())])
+    return torch.tensor([item_of.get(tuple(row), -1) for row in out[:, 1:].tolist()]).view(-1, top_k)
+
+
+def timed(fn):
+    """(fn's result, seconds it took), waiting for the GPU where there is one."""
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def peak_memory_child(task: str, args: dict, queue) -> None:
+    """One task in a fresh process, so that peak memory is its own."""
+    torch.set_num_threads(args["threads"])
+    generator = torch.Generator().manual_seed(args["seed"])
+    sid_tokens = synthetic_catalogue(generator)
+    kind, variant = task.split("-")
+    if kind == "train":
+        model = build(variant, args["tiger"], args["seed"]).train()
+        batch = synthetic_batch(sid_tokens, args["batch_size"], generator)
+        optimizer = torch.optim.AdamW(model.parameters())
+        run = lambda: train_step(model, optimizer, batch)  # noqa: E731
+    else:
+        model = build("tiger", args["tiger"], args["seed"]).eval()
+        batch = synthetic_batch(sid_tokens, args["eval_users"], generator)
+        catalogue = SidCatalogue(sid_tokens)
+        run = {"beam": lambda: beam_search(model, batch["input_ids"], batch["attention_mask"], catalogue,
+                                           beam_size=args["beam_size"], top_k=10),
+               "generate": lambda: generate_top_k(model, batch, catalogue, args["beam_size"], 10)}[variant]
+    if torch.cuda.is_available():
+        model.cuda()
+        batch = {k: v.cuda() for k, v in batch.items()}
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode(kind == "eval"):
+            run()
+        queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:  # Linux: reset the process's peak RSS (VmHWM), then read it after the task
+        Path("/proc/self/clear_refs").write_text("5")
+        base = proc_status_mib("VmRSS")
+        with torch.inference_mode(kind == "eval"):
+            run()
+        queue.put(proc_status_mib("VmHWM") - base)
+
+
+def proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
+
+
+def peak_memory(task: str, args: dict) -> float:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=peak_memory_child, args=(task, args, queue))
+    process.start()
+    value = queue.get()
+    process.join()
+    return round(value, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--train-steps", type=int, default=5, help="timed steps per variant, after one warm-up step")
+    ap.add_argument("--eval-users", type=int, default=128)
+    ap.add_argument("--beam-size", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=None, help="default: params.yaml `seed`")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a loaded machine)")
+    ap.add_argument("--out", default="bench/results/rastp.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    params = yaml.safe_load(open(args.params))
+    seed = params["seed"] if args.seed is None else args.seed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(seed)
+    sid_tokens = synthetic_catalogue(generator)
+    batches = [{k: v.to(device) for k, v in synthetic_batch(sid_tokens, args.batch_size, generator).items()}
+               for _ in range(args.train_steps + 1)]
+    rastp_cfg = params["tiger"]["rastp"]
+    print(f"[bench] {device}, {torch.get_num_threads()} threads; rastp {rastp_cfg}")
+
+    # 1 + 3: training steps, the variants interleaved step by step so that machine load hits them alike.
+    variants = ["stock", "tiger", "rastp"]
+    models = {v: build(v, params["tiger"], seed).to(device).train() for v in variants}
+    optimizers = {v: torch.optim.AdamW(m.parameters()) for v, m in models.items()}
+    seconds = dict.fromkeys(variants, 0.0)
+    for step, batch in enumerate(batches):
+        for v in variants:
+            _, elapsed = timed(lambda: train_step(models[v], optimizers[v], batch))
+            seconds[v] += elapsed if step > 0 else 0.0  # step 0 warms up
+            print(f"[bench] train {v} step {step}: {elapsed:.2f}s")
+    examples = args.batch_size * args.train_steps
+    train = {v: {"seconds": round(s, 2), "examples_per_s": round(examples / s, 1)} for v, s in seconds.items()}
+
+    # 2: evaluation on the same model (the trained `tiger` variant) and users.
+    model = models["tiger"].eval()
+    catalogue = SidCatalogue(sid_tokens).to(device)
+    users = {k: v[: args.eval_users] for k, v in batches[0].items()}
+    with torch.inference_mode():
+        ours, ours_s = timed(lambda: beam_search(model, users["input_ids"], users["attention_mask"], catalogue,
+                                                 beam_size=args.beam_size, top_k=10))
+        hf_items, hf_s = timed(lambda: generate_top_k(model, users, catalogue, args.beam_size, 10))
+        hf_items = hf_items.to(device)
+    same_lists = int((ours.items == hf_items).all(dim=1).sum())
+    same_sets = sum(set(a) == set(b) for a, b in zip(ours.items.tolist(), hf_items.tolist()))
+    n_users = len(users["input_ids"])
+    evaluation = {"users": n_users, "beam_size": args.beam_size, "ours_seconds": round(ours_s, 2),
+                  "generate_seconds": round(hf_s, 2), "ours_users_per_s": round(n_users / ours_s, 1),
+                  "generate_users_per_s": round(n_users / hf_s, 1), "identical_top10_lists": same_lists,
+                  "identical_top10_sets": same_sets, "ours_short_lists": ours.num_short}
+
+    # 4: peak memory, each task in its own process.
+    child_args = {"tiger": params["tiger"], "seed": seed, "batch_size": args.batch_size, "eval_users": args.eval_users,
+                  "beam_size": args.beam_size, "threads": torch.get_num_threads()}
+    memory = {task: peak_memory(task, child_args)
+              for task in ("train-stock", "train-tiger", "train-rastp", "eval-beam", "eval-generate")}
+
+    ratios = {"rastp_speedup": round(seconds["tiger"] / seconds["rastp"], 3),
+              "tiger_vs_stock_step_time": round(seconds["tiger"] / seconds["stock"], 3),
+              "beam_search_speedup_vs_generate": round(hf_s / ours_s, 2)}
+    unit = "MiB peak allocated" if device.type == "cuda" else "MiB peak RSS increase"
+    print(f"\nsynthetic Beauty shapes: {ITEMS} items, SID {SID_LENGTH} tokens, input {batches[0]['input_ids'].shape[1]}"
+          f" tokens, batch {args.batch_size}, {args.train_steps} timed steps; {device}, {torch.get_num_threads()} threads")
+    print(f"{'training':<22} {'seconds':>8} {'examples/s':>11} {unit:>24}")
+    for v in variants:
+        print(f"{v:<22} {train[v]['seconds']:>8.2f} {train[v]['examples_per_s']:>11.1f} {memory['train-' + v]:>24.1f}")
+    print(f"{'evaluation':<22} {'seconds':>8} {'users/s':>11}")
+    print(f"{'our beam search':<22} {ours_s:>8.2f} {n_users / ours_s:>11.1f} {memory['eval-beam']:>24.1f}")
+    print(f"{'t5.generate':<22} {hf_s:>8.2f} {n_users / hf_s:>11.1f} {memory['eval-generate']:>24.1f}")
+    print(f"top-10 identical to generate: {same_lists}/{n_users} lists ({same_sets}/{n_users} as sets)")
+    for name, value in ratios.items():
+        print(f"{name}: {value}")
+
+    write_json(args.out, {"seed": seed, "device": str(device), "threads": torch.get_num_threads(),
+                          "machine": platform.machine(), "batch_size": args.batch_size,
+                          "train_steps": args.train_steps, "rastp": rastp_cfg, "train": train,
+                          "evaluation": evaluation, "peak_memory_mib": memory, "memory_unit": unit,
+                          "ratios": ratios})
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

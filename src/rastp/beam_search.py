@@ -1,0 +1,121 @@
+"""Exact, batched constrained beam search over the semantic-ID trie.
+
+Every catalogue item has a semantic ID of S tokens; the trie of these IDs constrains decoding so that only real items
+come out. The trie is stored level by level as dense tensors (no Python loop over beams at decoding time):
+
+    level_tokens[l]  LongTensor [C_l]           the distinct tokens found at position l of any SID
+    children[l]      LongTensor [P_l, C_l]      the child of prefix node p through token level_tokens[l][c]: a prefix
+                                                node of level l+1, or at the last level the item index; -1: no child
+
+A SID's score is its true log-probability under the model: log-softmax over the full vocabulary, then restricted to
+the trie. With beam_size >= the number of items no prefix is ever dropped, so the search is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+
+from rastp.tiger import Tiger
+
+
+class SidCatalogue:
+    """The semantic-ID trie of a catalogue, built once from its item -> SID token matrix [N, S] (rows distinct)."""
+
+    def __init__(self, sid_tokens: torch.LongTensor):
+        sid_tokens = torch.as_tensor(sid_tokens, dtype=torch.long)
+        if sid_tokens.dim() != 2 or len(sid_tokens) == 0:
+            raise ValueError(f"sid_tokens must be a non-empty [N, S] matrix, got shape {tuple(sid_tokens.shape)}")
+        if len(torch.unique(sid_tokens, dim=0)) != len(sid_tokens):
+            raise ValueError("sid_tokens has duplicate rows: two items share a semantic ID")
+        self.sid_tokens = sid_tokens
+        self.level_tokens: list[torch.Tensor] = []
+        self.children: list[torch.Tensor] = []
+        num_items, sid_length = sid_tokens.shape
+        node = torch.zeros(num_items, dtype=torch.long)  # every item's prefix node at level 0: the root
+        for level in range(sid_length):
+            tokens, column = torch.unique(sid_tokens[:, level], return_inverse=True)
+            if level + 1 < sid_length:
+                child = torch.unique(sid_tokens[:, : level + 1], dim=0, return_inverse=True)[1]
+            else:
+                child = torch.arange(num_items)
+            table = torch.full((int(node.max()) + 1, len(tokens)), -1, dtype=torch.long)
+            table[node, column] = child
+            self.level_tokens.append(tokens)
+            self.children.append(table)
+            node = child
+
+    def __len__(self) -> int:
+        return len(self.sid_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sid_tokens.device
+
+    def to(self, device: torch.device | str) -> SidCatalogue:
+        """This catalogue with its tensors on `device` (in place; a no-op when already there)."""
+        self.sid_tokens = self.sid_tokens.to(device)
+        self.level_tokens = [tokens.to(device) for tokens in self.level_tokens]
+        self.children = [table.to(device) for table in self.children]
+        return self
+
+
+@dataclass
+class BeamSearchResult:
+    items: torch.LongTensor  # [B, top_k] item indices, best first; -1 where fewer than top_k SIDs were found
+    scores: torch.Tensor  # [B, top_k] SID log-probabilities (sum over its tokens); -inf where items is -1
+    num_short: int  # how many lists have fewer than top_k items
+
+
+@torch.no_grad()
+def beam_search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
+                *, beam_size: int, top_k: int) -> BeamSearchResult:
+    """The top_k catalogue items for each history, by trie-constrained beam search with the decoder's KV cache.
+
+    Runs the model in eval mode (RASTP prunes only if `at_eval`) and restores its mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        items, scores = _search(model, input_ids, attention_mask, catalogue.to(input_ids.device), beam_size)
+    finally:
+        model.train(was_training)
+    batch_size, found = items.shape
+    if found >= top_k:
+        items, scores = items[:, :top_k], scores[:, :top_k]
+    else:  # fewer beams than top_k: pad
+        items = torch.cat([items, items.new_full((batch_size, top_k - found), -1)], dim=1)
+        scores = torch.cat([scores, scores.new_full((batch_size, top_k - found), float("-inf"))], dim=1)
+    return BeamSearchResult(items=items, scores=scores, num_short=int((items < 0).any(dim=1).sum()))
+
+
+def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
+            beam_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items [B, W] and scores [B, W] of the final beams, best first (-1 / -inf for beams that found no SID)."""
+    batch_size, width = input_ids.shape[0], beam_size
+    hidden_states, mask = model.encode(input_ids, attention_mask)  # encoded once, for all steps
+    hidden_states = hidden_states.repeat_interleave(width, dim=0)
+    mask = mask.repeat_interleave(width, dim=0)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    # All beams start from the empty prefix; only the first is live, so the first step does not pick duplicates.
+    scores = torch.full((batch_size, width), float("-inf"), device=input_ids.device)
+    scores[:, 0] = 0.0
+    node = torch.zeros((batch_size, width), dtype=torch.long, device=input_ids.device)
+    tokens = torch.zeros((batch_size * width, 1), dtype=torch.long, device=input_ids.device)  # decoder start token
+    first_beam = torch.arange(batch_size, device=input_ids.device)[:, None] * width
+    levels = len(catalogue.children)
+    for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
+        logits, cache = model.decode(tokens, hidden_states, mask, cache)
+        log_probs = logits[:, -1].float().log_softmax(dim=-1)[:, level_tokens].view(batch_size, width, -1)
+        child = children[node.clamp(min=0)]  # [B, W, C_l]; dead beams (node -1) have score -inf anyway
+        total = (scores[..., None] + log_probs).masked_fill(child < 0, float("-inf")).flatten(1)
+        scores, best = total.topk(width, dim=1)
+        node = child.flatten(1).gather(1, best)
+        tokens = level_tokens[best % len(level_tokens)].view(-1, 1)
+        if level + 1 < levels:
+            # Only the self-attention cache follows the beams: the cross-attention keys/values are one user's, the
+            # same for all of its beams.
+            cache.self_attention_cache.reorder_cache((first_beam + best // len(level_tokens)).flatten())
+    return node.masked_fill(scores == float("-inf"), -1), scores

@@ -1,0 +1,119 @@
+"""Parameters and artifact paths shared by every stage.
+
+params.yaml is the one source of truth. A stage script takes `dataset=<name>` plus dotted
+overrides in Hydra's syntax (`train.lr=0.002`, the same keys as `dvc exp run -S`). Overrides
+are composed over params.yaml with Hydra's compose API, so an unknown key is an error.
+
+A run with overrides is not what DVC would produce from params.yaml, so it never writes DVC's
+outputs: it writes under `runs/<dataset>-<hash of the overrides>/` (and says so), reading the
+inputs it needs from that folder first and from DVC's outputs otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A parameter problem a user can fix; its message names the param."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one dataset's artifacts live (DVC's layout, or a hand run's folder mirroring it)."""
+
+    dataset: str
+    root: Path = Path(".")
+    run_dir: Path | None = None
+
+    def _out(self, rel: str) -> Path:
+        base = self.run_dir if self.run_dir is not None else self.root
+        return base / rel
+
+    def _in(self, rel: str) -> Path:
+        if self.run_dir is not None and (self.run_dir / rel).exists():
+            return self.run_dir / rel
+        return self.root / rel
+
+    def raw(self) -> Path:
+        return self._in(f"data/raw/{self.dataset}")
+
+    def prepared(self, *, write: bool = False) -> Path:
+        return (self._out if write else self._in)(f"data/prepared/{self.dataset}")
+
+    def embeddings(self, *, write: bool = False) -> Path:
+        return (self._out if write else self._in)(f"data/embeddings/{self.dataset}.npy")
+
+    def codebook(self, *, write: bool = False) -> Path:
+        return (self._out if write else self._in)(f"data/codebook/{self.dataset}")
+
+    def sids(self, *, write: bool = False) -> Path:
+        return (self._out if write else self._in)(f"data/sids/{self.dataset}")
+
+    def model(self, *, write: bool = False) -> Path:
+        return (self._out if write else self._in)(f"data/models/{self.dataset}")
+
+    def metrics(self, name: str | None = None) -> Path:
+        """metrics/<dataset>.json, or metrics/<name>/<dataset>.json for a stage's own report."""
+        rel = f"metrics/{self.dataset}.json" if name is None else f"metrics/{name}/{self.dataset}.json"
+        return self._out(rel)
+
+
+def _split_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    dataset, overrides = None, []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form key=value (e.g. dataset=ml100k train.lr=0.002)")
+        key, value = arg.split("=", 1)
+        if key.lstrip("+~") == "dataset":
+            dataset = value
+        else:
+            overrides.append(arg)
+    return dataset, overrides
+
+
+def compose_params(overrides: Sequence[str] = (), params_file: str | Path = PARAMS_FILE) -> DictConfig:
+    """params.yaml with Hydra-style dotted overrides applied."""
+    params_file = Path(params_file).resolve()
+    if not params_file.is_file():
+        raise ConfigError(f"{params_file}: parameter file not found (run from the repository root)")
+    try:
+        with initialize_config_dir(config_dir=str(params_file.parent), version_base=None):
+            return compose(config_name=params_file.stem, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"{params_file.name}: bad override {list(overrides)}: {err}") from err
+
+
+def load(argv: Sequence[str] | None = None, *, needs_dataset: bool = True) -> tuple[DictConfig, Paths]:
+    """Parse a stage script's arguments: the composed params and the dataset's paths."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    dataset, overrides = _split_args(argv)
+    cfg = compose_params(overrides)
+    if needs_dataset:
+        if dataset is None:
+            raise ConfigError("missing dataset=<name> argument (one of the keys under `data` in params.yaml)")
+        if dataset not in cfg.data:
+            raise ConfigError(f"unknown dataset {dataset!r}: params.yaml `data` defines {sorted(cfg.data)}")
+    run_dir = None
+    if overrides:
+        digest = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+        run_dir = Path("runs") / f"{dataset or 'all'}-{digest}"
+        print(f"[rastp] hand run with overrides {overrides}: outputs go to {run_dir}/ (DVC's outputs are left untouched)",
+              file=sys.stderr)
+    return cfg, Paths(dataset=dataset or "", run_dir=run_dir)
+
+
+def to_dict(node) -> dict:
+    """A plain dict of a config node (for code that should not depend on OmegaConf)."""
+    return OmegaConf.to_container(node, resolve=True)

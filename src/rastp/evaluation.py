@@ -1,0 +1,65 @@
+"""evaluate stage: constrained beam search on the test targets; Recall@K and NDCG@K against
+a most-popular baseline on the same leave-one-out split (one target per user, full catalogue)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from rastp.data import split_user
+
+
+def ranking_metrics(ranked: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[str, torch.Tensor]:
+    """Mean Recall@k and NDCG@k of ranked lists [B, >=k] (item ids, -1 = empty slot) for one target each."""
+    hits = ranked == targets.to(ranked.device)[:, None]  # at most one hit per row: SIDs map to distinct items
+    discount = 1.0 / torch.log2(torch.arange(ranked.shape[1], device=ranked.device, dtype=torch.float32) + 2)
+    out = {}
+    for k in ks:
+        if k > ranked.shape[1]:
+            raise ValueError(f"need lists of at least {k} items, got {ranked.shape[1]}")
+        out[f"recall@{k}"] = hits[:, :k].any(dim=1).float().mean()
+        out[f"ndcg@{k}"] = (hits[:, :k].float() * discount[:k]).sum(dim=1).mean()
+    return out
+
+
+def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: int) -> torch.Tensor:
+    """The k items seen most often in the training histories (ties: lower item id first)."""
+    counts = np.zeros(num_items, dtype=np.int64)
+    for items in sequences:
+        np.add.at(counts, split_user(items)[0], 1)
+    return torch.from_numpy(np.argsort(-counts, kind="stable")[:k].copy())
+
+
+def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,
+                   beam_size: int, batch_size: int, ks: Sequence[int]) -> dict:
+    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus beam-search stats."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from rastp.beam_search import SidCatalogue, beam_search
+    from rastp.training import SequenceBatches, load_model, make_examples
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab = load_model(model_path, map_location=device)
+    item_tokens = vocab.item_tokens(sids)
+    data = SequenceBatches(make_examples(sequences, "test", max_history), item_tokens, vocab)
+    catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
+    ranked, targets, num_short = [], [], 0
+    with torch.inference_mode():
+        for batch in tqdm(DataLoader(data, batch_size=batch_size, collate_fn=data.collate), desc="beam search", unit="batch"):
+            found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
+                                beam_size=beam_size, top_k=max(ks))
+            ranked.append(found.items.cpu())
+            targets.append(batch["target"])
+            num_short += found.num_short
+    targets = torch.cat(targets)
+    popular = popularity_ranking(sequences, len(sids), max(ks)).expand(len(targets), -1)
+    as_floats = lambda metrics: {name: round(float(value), 6) for name, value in metrics.items()}  # noqa: E731
+    return {
+        "tiger": as_floats(ranking_metrics(torch.cat(ranked), targets, ks)),
+        "popularity": as_floats(ranking_metrics(popular, targets, ks)),
+        "users": len(targets),
+        "short_lists": num_short,
+    }

@@ -1,0 +1,562 @@
+"""Semantic-ID tokenizers: every method is one residual quantizer with a different encoder and training.
+
+A `Tokenizer` standardises an item embedding, maps it to a latent with an encoder, and quantizes the
+latent with L residual levels of K codes; the decoder maps the sum of the chosen codewords back.
+
+    method     encoder/decoder   codebooks trained by                                    paper
+    rqvae      MLP / MLP         gradient, straight-through (`rqvae.quantize: ste`)      TIGER (Rajput et al. 2023)
+                                 or Gumbel-softmax relaxation (`rqvae.quantize: gumbel`)
+    rvq        identity          gradient on the (standardised) embeddings               RVQ (Zeghidour et al. 2021)
+    rqkmeans   identity          k-means per level on the residuals, no gradient         OneRec / GRID
+
+They share the residual loop (`ResidualQuantizer`), the k-means(++) initialisation, the dead-code
+reset, the balanced last level (Sinkhorn) and the quality report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from rastp.config import ConfigError
+from rastp.io import DataError
+from rastp.sids import collision_stats
+
+METHODS = ("rqvae", "rqkmeans", "rvq")
+QUANTIZE = ("ste", "gumbel")
+SCHEDULES = ("exponential", "cosine", "linear")
+# Balanced last level: Sinkhorn-Knopp on distances rescaled to [-1, 1] (LC-Rec uses 0.003 and 50 iterations,
+# which stops short of balance; 0.01 and 100 reach it).
+SINKHORN_EPSILON = 0.01
+SINKHORN_ITERS = 100
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class Settings:
+    """The `codebook` params section, checked once before anything runs."""
+
+    method: str
+    input_dim: int
+    levels: int
+    codebook_size: int
+    hidden_dims: tuple[int, ...]
+    latent_dim: int
+    beta: float
+    quantize: str
+    temperature: float
+    min_temperature: float
+    decay: float
+    schedule: str
+    update_every: int
+    standardize: bool
+    kmeans_init: bool
+    kmeans_iters: int
+    dead_code_steps: int
+    sinkhorn_last_level: bool
+    lr: float
+    batch_size: int
+    epochs: int
+
+    @classmethod
+    def parse(cls, cfg: Mapping) -> "Settings":
+        def get(key: str, kind, check=None, why=""):
+            node = cfg
+            for part in key.split("."):
+                if not isinstance(node, Mapping) or part not in node:
+                    raise ConfigError(f"codebook.{key} is missing from the codebook params")
+                node = node[part]
+            ok = isinstance(node, kind) and not (kind is not bool and isinstance(node, bool))
+            if kind is float and isinstance(node, int) and not isinstance(node, bool):
+                node, ok = float(node), True
+            if not ok or (check is not None and not check(node)):
+                raise ConfigError(f"codebook.{key} must be {why or kind.__name__}, got {node!r}")
+            return node
+
+        positive = (lambda v: v > 0), "a positive number"
+        hidden = get("rqvae.hidden_dims", (list, tuple), lambda v: all(isinstance(h, int) and h > 0 for h in v),
+                     "a list of positive integers")
+        s = cls(
+            method=get("method", str, lambda v: v in METHODS, f"one of {list(METHODS)}"),
+            input_dim=get("input_dim", int, *positive),
+            levels=get("levels", int, *positive),
+            codebook_size=get("codebook_size", int, *positive),
+            hidden_dims=tuple(hidden),
+            latent_dim=get("rqvae.latent_dim", int, *positive),
+            beta=get("rqvae.beta", float, lambda v: v >= 0, "a non-negative number"),
+            quantize=get("rqvae.quantize", str, lambda v: v in QUANTIZE, f"one of {list(QUANTIZE)}"),
+            temperature=get("gumbel.temperature", float, *positive),
+            min_temperature=get("gumbel.min_temperature", float, *positive),
+            decay=get("gumbel.decay", float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+            schedule=get("gumbel.schedule", str, lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
+            update_every=get("gumbel.update_every", int, *positive),
+            standardize=get("standardize", bool),
+            kmeans_init=get("kmeans_init", bool),
+            kmeans_iters=get("kmeans_iters", int, *positive),
+            dead_code_steps=get("dead_code_steps", int, lambda v: v >= 0, "a non-negative integer"),
+            sinkhorn_last_level=get("sinkhorn_last_level", bool),
+            lr=get("lr", float, *positive),
+            batch_size=get("batch_size", int, *positive),
+            epochs=get("epochs", int, lambda v: v >= 0, "a non-negative integer"),
+        )
+        if s.min_temperature > s.temperature:
+            raise ConfigError(f"codebook.gumbel.min_temperature ({s.min_temperature}) must not exceed "
+                              f"codebook.gumbel.temperature ({s.temperature})")
+        return s
+
+    @property
+    def neural(self) -> bool:
+        return self.method == "rqvae"
+
+    @property
+    def gradient_mode(self) -> str:
+        """How gradients reach the codebooks: RQ-VAE's estimator, or directly through the codewords (RVQ)."""
+        return self.quantize if self.neural else "direct"
+
+
+def check_inputs(embeddings: np.ndarray, s: Settings, source: str) -> None:
+    """Every input problem, raised before any training or output."""
+    if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
+        raise DataError(f"{source}: expected a 2-d array [items, dim], got shape {np.shape(embeddings)}")
+    if not np.issubdtype(embeddings.dtype, np.number):
+        raise DataError(f"{source}: expected numbers, got dtype {embeddings.dtype}")
+    n, dim = embeddings.shape
+    if dim != s.input_dim:
+        raise ConfigError(f"{source}: embeddings have width {dim} but codebook.input_dim is {s.input_dim}")
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise DataError(f"{source}: {len(rows)} item(s) have non-finite embeddings (NaN/inf), first at row {rows[0]}")
+    if n < s.codebook_size:
+        raise ConfigError(f"{source}: {n} items are fewer than codebook.codebook_size={s.codebook_size} "
+                          f"codes per level; lower codebook.codebook_size")
+
+
+# --------------------------------------------------------------------------- k-means and code re-seeding
+
+def squared_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """[N, K] squared Euclidean distances (one matmul; batched and cheap on GPU)."""
+    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ codebook.T + codebook.pow(2).sum(1)
+    return d.clamp_min_(0)
+
+
+def sample_far_points(x: torch.Tensor, nearest_d2: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n distinct rows of x drawn with probability proportional to the squared distance to their nearest code.
+
+    The k-means++ rule: points the codebook serves worst are likeliest to become codes, and a point
+    already on a code is (almost) never chosen.
+    """
+    weights = nearest_d2.double() + 1e-12  # uniform when every point sits on a code
+    return x[torch.multinomial(weights, n, replacement=n > len(x), generator=generator)]
+
+
+def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: k codes, each a row of x."""
+    first = torch.randint(len(x), (1,), generator=generator, device=x.device)
+    centers = x[first]
+    nearest = squared_distances(x, centers)[:, 0]
+    for _ in range(1, k):
+        c = sample_far_points(x, nearest, 1, generator)
+        centers = torch.cat([centers, c])
+        nearest = torch.minimum(nearest, squared_distances(x, c)[:, 0])
+    return centers
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    """Lloyd's k-means from k-means++ seeds; an empty cluster is re-seeded like a dead code.
+
+    Returns the centers and the inertia (mean squared distance to the nearest center) per iteration.
+    """
+    centers = kmeans_pp(x, k, generator)
+    inertia = []
+    for _ in range(iters):
+        d = squared_distances(x, centers)
+        nearest, assign = d.min(1)
+        inertia.append(float(nearest.mean()))
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        new = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+        empty = counts == 0
+        if empty.any():
+            new[empty] = sample_far_points(x, nearest, int(empty.sum()), generator)
+        converged = torch.allclose(new, centers, rtol=0, atol=1e-7)
+        centers = new
+        if converged:
+            break
+    return centers, inertia
+
+
+def sinkhorn_assign(d2: torch.Tensor) -> torch.Tensor:
+    """Balanced assignment: argmax of the entropic optimal transport plan with uniform code marginals.
+
+    Spreads items evenly over the codes, so items that would all pick one code (a collision on the
+    last level) are split. Log-domain iterations stay finite at LC-Rec's small epsilon.
+    """
+    lo, hi = d2.min(), d2.max()
+    d = (d2 - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-12)
+    log_plan = -d.double() / SINKHORN_EPSILON
+    n, k = log_plan.shape
+    for _ in range(SINKHORN_ITERS):
+        log_plan = log_plan - torch.logsumexp(log_plan, 0, keepdim=True) - math.log(k)  # each code gets 1/K
+        log_plan = log_plan - torch.logsumexp(log_plan, 1, keepdim=True) - math.log(n)  # each item gives 1/N
+    return log_plan.argmax(1)
+
+
+# --------------------------------------------------------------------------- Gumbel-softmax
+
+def gumbel_temperature(update: int, s: Settings) -> float:
+    """Temperature after `update` optimizer steps, lowered every `gumbel.update_every` steps.
+
+    exponential: tau0 * decay^t, floored. cosine and linear go from tau0 to the floor over the same
+    horizon, the number of updates the exponential schedule needs to reach the floor.
+    """
+    t = update // s.update_every
+    tau0, floor = s.temperature, s.min_temperature
+    if s.schedule == "exponential":
+        return max(floor, tau0 * s.decay ** t)
+    horizon = math.log(floor / tau0) / math.log(s.decay)
+    frac = min(t / horizon, 1.0) if horizon > 0 else 1.0
+    if s.schedule == "cosine":
+        return floor + (tau0 - floor) * (1 + math.cos(math.pi * frac)) / 2
+    return tau0 + (floor - tau0) * frac
+
+
+def gumbel_softmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / temperature) with g ~ Gumbel(0, 1); the temperature divides once."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    g = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
+    return torch.softmax((logits + g) / temperature, dim=-1)
+
+
+# --------------------------------------------------------------------------- the residual quantizer
+
+@dataclass
+class Quantized:
+    z_q: torch.Tensor            # what the decoder sees
+    codes: torch.Tensor          # [B, L] hard codes
+    residuals: list[torch.Tensor]  # r_l, the input of level l
+    codewords: list[torch.Tensor]  # e_l, what level l subtracts
+
+
+class ResidualQuantizer(nn.Module):
+    """L levels of K codes; level l quantizes the residual r_l = z - e_1 - ... - e_{l-1}."""
+
+    def __init__(self, levels: int, codebook_size: int, dim: int, *, gradient_mode: str = "ste",
+                 sinkhorn_last_level: bool = False):
+        super().__init__()
+        self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, dim) / math.sqrt(dim))
+        self.gradient_mode = gradient_mode
+        self.sinkhorn_last_level = sinkhorn_last_level
+
+    @property
+    def levels(self) -> int:
+        return self.codebooks.shape[0]
+
+    def hard_codes(self, d2: torch.Tensor, level: int) -> torch.Tensor:
+        if self.sinkhorn_last_level and level == self.levels - 1:
+            return sinkhorn_assign(d2)
+        return d2.argmin(1)
+
+    def forward(self, z: torch.Tensor, temperature: float | None = None) -> Quantized:
+        residual, codes, residuals, codewords = z, [], [], []
+        for level, codebook in enumerate(self.codebooks):
+            d2 = squared_distances(residual, codebook)
+            code = self.hard_codes(d2.detach(), level)
+            if self.gradient_mode == "gumbel" and self.training:
+                e = gumbel_softmax(-d2, temperature) @ codebook  # logits = negative distances
+            else:
+                e = codebook[code]
+            codes.append(code)
+            residuals.append(residual)
+            codewords.append(e)
+            residual = residual - e
+        q = torch.stack(codewords).sum(0)
+        # Straight-through: the decoder's gradient passes to the encoder unchanged; the codebooks learn
+        # from the codebook loss only (TIGER). Gumbel and RVQ differentiate through the codewords.
+        z_q = z + (q - z).detach() if self.gradient_mode == "ste" else q
+        return Quantized(z_q, torch.stack(codes, 1), residuals, codewords)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return sum(self.codebooks[level][codes[:, level]] for level in range(self.levels))
+
+
+def rq_loss(x: torch.Tensor, x_hat: torch.Tensor, q: Quantized, beta: float) -> dict[str, torch.Tensor]:
+    """recon + sum_l ||sg[r_l] - e_l||^2 + beta ||r_l - sg[e_l]||^2.
+
+    Every term is a squared norm per item (summed over its dimensions) averaged over the batch: with
+    a per-dimension mean on one term and a sum on the other, one would be width-times too weak.
+    """
+    def sq(a):
+        return a.pow(2).sum(-1).mean()
+
+    recon = sq(x - x_hat)
+    codebook = sum(sq(r.detach() - e) for r, e in zip(q.residuals, q.codewords))
+    commit = sum(sq(r - e.detach()) for r, e in zip(q.residuals, q.codewords))
+    return {"loss": recon + codebook + beta * commit, "recon": recon, "codebook": codebook, "commit": commit}
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class Tokenizer(nn.Module):
+    """Standardise -> encoder -> residual quantizer -> decoder -> un-standardise."""
+
+    def __init__(self, s: Settings):
+        super().__init__()
+        self.settings = s
+        self.register_buffer("mean", torch.zeros(s.input_dim))
+        self.register_buffer("std", torch.ones(s.input_dim))
+        if s.neural:
+            self.encoder = _mlp([s.input_dim, *s.hidden_dims, s.latent_dim])
+            self.decoder = _mlp([s.latent_dim, *reversed(s.hidden_dims), s.input_dim])
+        else:
+            self.encoder = self.decoder = nn.Identity()
+        latent = s.latent_dim if s.neural else s.input_dim
+        self.quantizer = ResidualQuantizer(s.levels, s.codebook_size, latent, gradient_mode=s.gradient_mode,
+                                           sinkhorn_last_level=s.sinkhorn_last_level)
+
+    def set_standardization(self, x: torch.Tensor) -> None:
+        if self.settings.standardize:
+            self.mean.copy_(x.mean(0))
+            self.std.copy_(x.std(0).clamp_min(1e-8))
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor, temperature: float | None = None) -> dict[str, torch.Tensor]:
+        q = self.quantizer(self.latent(x), temperature)
+        x_std = (x - self.mean) / self.std
+        losses = rq_loss(x_std, self.decoder(q.z_q), q, self.settings.beta)
+        losses["quantized"] = q
+        return losses
+
+    @torch.no_grad()
+    def init_codebooks(self, x: torch.Tensor, generator: torch.Generator) -> list[dict]:
+        """k-means on each level's residuals; returns the inertia history."""
+        residual, history = self.latent(x), []
+        for level in range(self.quantizer.levels):
+            centers, inertia = kmeans(residual, self.quantizer.codebooks.shape[1], self.settings.kmeans_iters, generator)
+            self.quantizer.codebooks[level].copy_(centers)
+            history += [{"step": len(history), "level": level, "iteration": i, "inertia": v} for i, v in enumerate(inertia)]
+            residual = residual - centers[squared_distances(residual, centers).argmin(1)]
+        return history
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        codes = self.quantizer(self.latent(x)).codes
+        self.train(was_training)
+        return codes
+
+    @torch.no_grad()
+    def reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.quantizer.decode_codes(codes)) * self.std + self.mean
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """[N, D] embeddings -> [N, L] int64 codes (one batch: the Sinkhorn level balances over it)."""
+        device = self.mean.device
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32), device=device)
+        return self.codes(x).cpu().numpy().astype(np.int64)
+
+
+# --------------------------------------------------------------------------- training
+
+class DeadCodeReset:
+    """Re-seed a code unused for `steps` consecutive batches to a residual the codebook serves badly."""
+
+    def __init__(self, quantizer: ResidualQuantizer, steps: int, generator: torch.Generator):
+        self.quantizer, self.steps, self.generator = quantizer, steps, generator
+        levels, k, _ = quantizer.codebooks.shape
+        self.unused = torch.zeros(levels, k, dtype=torch.long, device=quantizer.codebooks.device)
+
+    @torch.no_grad()
+    def __call__(self, q: Quantized) -> int:
+        """Update the counters from one batch's codes and re-seed the dead codes; returns how many."""
+        if self.steps <= 0:
+            return 0
+        reseeded = 0
+        for level, codebook in enumerate(self.quantizer.codebooks):
+            used = torch.bincount(q.codes[:, level], minlength=codebook.shape[0]) > 0
+            self.unused[level] = torch.where(used, 0, self.unused[level] + 1)
+            dead = self.unused[level] >= self.steps
+            if dead.any():
+                r = q.residuals[level].detach()
+                nearest = squared_distances(r, codebook).min(1).values
+                codebook[dead] = sample_far_points(r, nearest, int(dead.sum()), self.generator).to(codebook.dtype)
+                self.unused[level][dead] = 0
+                reseeded += int(dead.sum())
+        return reseeded
+
+
+def _lightning_module(model: Tokenizer, init_data: torch.Tensor, seed: int):
+    import lightning as L
+
+    s = model.settings
+
+    class TokenizerModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.history: list[dict] = []
+            self.init_history: list[dict] = []
+            self._sums: dict[str, float] = {}
+            self._last: Quantized | None = None
+
+        def on_fit_start(self):
+            # Generators live on the training device, so init and re-seeding run there too.
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+            x = init_data.to(self.device)
+            self.model.set_standardization(x)
+            if s.kmeans_init:
+                self.init_history = self.model.init_codebooks(x, self.generator)
+            self.dead_codes = DeadCodeReset(self.model.quantizer, s.dead_code_steps, self.generator)
+
+        def temperature(self) -> float | None:
+            return gumbel_temperature(self.global_step, s) if s.gradient_mode == "gumbel" else None
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            out = self.model(x, self.temperature())
+            self._last = out.pop("quantized")
+            for name, value in out.items():
+                self._sums[name] = self._sums.get(name, 0.0) + value.detach() * len(x)
+            self._sums["items"] = self._sums.get("items", 0) + len(x)
+            return out["loss"]
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            # After the optimizer step: re-seeding earlier would modify codebooks the backward pass needs.
+            self._sums["reseeded"] = self._sums.get("reseeded", 0) + self.dead_codes(self._last)
+            self._last = None
+
+        def on_train_epoch_end(self):
+            items = self._sums.pop("items")
+            row = {"step": int(self.global_step), "epoch": int(self.current_epoch),
+                   "reseeded": int(self._sums.pop("reseeded"))}
+            row.update({k: float(v) / items for k, v in self._sums.items()})
+            if s.gradient_mode == "gumbel":
+                row["temperature"] = self.temperature()
+            self.history.append(row)
+            self._sums = {}
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.model.parameters(), lr=s.lr)
+
+    return TokenizerModule()
+
+
+def _trainer_kwargs(trainer: Mapping | None) -> dict:
+    trainer = dict(trainer or {})
+    devices = trainer.get("devices", 1)
+    # The tokenizer is small: one device; "auto" on a multi-GPU machine would launch DDP.
+    return {"accelerator": trainer.get("accelerator", "auto"),
+            "devices": 1 if devices in ("auto", -1) else devices,
+            "precision": trainer.get("precision", "32-true")}
+
+
+def _train(model: Tokenizer, x: torch.Tensor, s: Settings, seed: int, trainer: Mapping | None) -> list[dict]:
+    import lightning as L
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+    module = _lightning_module(model, x, seed)
+    # Whole batches by index: per-item fetching and collation would dominate on CPU.
+    sampler = BatchSampler(RandomSampler(range(len(x)), generator=torch.Generator().manual_seed(seed)),
+                           batch_size=min(s.batch_size, len(x)), drop_last=False)
+    loader = DataLoader(TensorDataset(x), batch_size=None, sampler=sampler)
+    fit = L.Trainer(max_epochs=s.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+                    **_trainer_kwargs(trainer))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        fit.fit(module, loader)
+    return module.init_history + module.history
+
+
+def _device(trainer: Mapping | None) -> torch.device:
+    accelerator = str((trainer or {}).get("accelerator", "auto"))
+    return torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- public interface
+
+@dataclass
+class CodebookResult:
+    codes: np.ndarray       # int64 [N, L], hard codes per item
+    state: dict             # torch.save-able; load_quantizer(state) rebuilds the tokenizer
+    report: dict            # JSON-able quality report
+    usage_rows: list[dict]  # {"level", "code", "count"} for dvc plots
+    history: list[dict]     # per-epoch loss terms (and k-means inertia rows)
+
+
+def fit_codebook(embeddings: np.ndarray, cfg: Mapping, *, seed: int, trainer: Mapping | None = None,
+                 source: str = "embeddings") -> CodebookResult:
+    """Train the `codebook.method` tokenizer on [N, input_dim] item embeddings."""
+    s = Settings.parse(cfg)
+    check_inputs(embeddings, s, source)
+    torch.manual_seed(seed)
+    model = Tokenizer(s)
+    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+
+    start = time.perf_counter()
+    if s.method == "rqkmeans":
+        device = _device(trainer)
+        model.to(device)
+        xd = x.to(device)
+        model.set_standardization(xd)
+        history = model.init_codebooks(xd, torch.Generator(device=device).manual_seed(seed))
+    else:
+        history = _train(model, x, s, seed, trainer)
+    train_seconds = time.perf_counter() - start
+
+    model.cpu().eval()
+    codes = model.encode(x.numpy())
+    report, usage_rows = quality_report(model, x, codes)
+    report.update(method=s.method if not s.neural else f"rqvae-{s.quantize}", train_seconds=round(train_seconds, 2))
+    state = {"method": s.method, "cfg": _plain(cfg), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
+    return CodebookResult(codes=codes, state=state, report=report, usage_rows=usage_rows, history=history)
+
+
+def load_quantizer(state: dict) -> Tokenizer:
+    """The trained tokenizer back from `CodebookResult.state` (e.g. after torch.save / torch.load)."""
+    model = Tokenizer(Settings.parse(state["cfg"]))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
+
+
+def quality_report(model: Tokenizer, x: torch.Tensor, codes: np.ndarray) -> tuple[dict, list[dict]]:
+    """Reconstruction error, per-level usage and perplexity, and collisions of the code tuples."""
+    k = model.settings.codebook_size
+    x_hat = model.reconstruct(torch.as_tensor(codes, device=model.mean.device))
+    usage, perplexity, rows = [], [], []
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=k)
+        p = counts[counts > 0] / counts.sum()
+        usage.append(float((counts > 0).mean()))
+        perplexity.append(float(np.exp(-(p * np.log(p)).sum())))
+        rows += [{"level": level, "code": c, "count": int(n)} for c, n in enumerate(counts)]
+    report = {"recon_mse": float((x.to(x_hat.device) - x_hat).pow(2).mean()), "usage": usage, "perplexity": perplexity,
+              "levels": int(codes.shape[1]), "codebook_size": k, "num_items": int(len(codes))}
+    report.update(collision_stats(codes))
+    return report, rows
+
+
+def _plain(cfg: Mapping):
+    if isinstance(cfg, Mapping):
+        return {str(k): _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [_plain(v) for v in cfg]
+    return cfg

@@ -1,0 +1,189 @@
+"""TIGER with RASTP token pruning.
+
+TIGER (Rajput et al., 2023, "Recommender Systems with Generative Retrieval") is a T5 encoder-decoder that reads a
+user's history as semantic-ID tokens and generates the next item's semantic ID. RASTP ("Representation-Aware
+Semantic Token Pruning") scores the encoder's tokens after one block and keeps only the most important ones, so the
+later encoder blocks and the decoder's cross-attention run on a shorter sequence.
+
+The model is a stock `transformers.T5ForConditionalGeneration` (`Tiger.t5`): its weights, decoder and `generate`
+are the stock ones. Only the encoder is run by our own loop over `t5.encoder.block`, because pruning happens between
+two of its blocks. With pruning off, `Tiger.encode` equals `t5.encoder` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.t5.modeling_t5 import T5Attention, T5Block
+
+SCORES = ("rastp", "norm", "attention", "random")
+
+
+@dataclass
+class RastpConfig:
+    """RASTP switches (params.yaml `tiger.rastp`)."""
+
+    enabled: bool = False
+    prune_layer: int = 1  # prune after this encoder block (1-based)
+    keep_ratio: float = 0.5  # a row keeps ceil(keep_ratio * its real tokens), at least 1
+    score: str = "rastp"  # rastp | norm | attention | random
+    at_eval: bool = False  # also prune in eval mode (validation/test)
+    keep_positions: bool = True  # later blocks see the kept tokens' original relative positions
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"tiger.rastp.score: {self.score!r} is not one of {SCORES}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"tiger.rastp.keep_ratio: {self.keep_ratio} is not in (0, 1]")
+
+
+def self_attention_probs(block: T5Block, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                         position_bias: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities [B, H, T, T] of `block`'s self-attention (before dropout) for its input.
+
+    Reproduces T5Attention's scores from its own layer norm and q/k projections: q.k + position bias, masked, softmax.
+    T5 does not scale q.k by 1/sqrt(d_kv). Only q and k are projected, no values or output: cheaper than a second
+    full attention pass, and the block itself keeps running the fast fused attention.
+    """
+    layer = block.layer[0]
+    attention = layer.SelfAttention
+    normed = layer.layer_norm(hidden_states)
+    shape = (*normed.shape[:2], attention.n_heads, attention.key_value_proj_dim)
+    query = attention.q(normed).view(shape).transpose(1, 2)
+    key = attention.k(normed).view(shape).transpose(1, 2)
+    scores = query @ key.transpose(2, 3) + position_bias
+    scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1)
+
+
+def token_importance(score: str, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                     attention_probs: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Importance [B, T] of each token after the pruning block (higher is kept first).
+
+    rastp:     attention the token receives (summed over heads and real queries) x L2 norm of its hidden state
+    attention: the attention received alone; norm: the L2 norm alone; random: uniform noise (ablation)
+    """
+    if score == "random":
+        return torch.rand(attention_mask.shape, generator=generator, device=attention_mask.device)
+    norm = hidden_states.norm(dim=-1)
+    if score == "norm":
+        return norm
+    # Padding queries must not vote for any token.
+    received = torch.einsum("bhqk,bq->bk", attention_probs, attention_mask.to(attention_probs.dtype))
+    return received if score == "attention" else received * norm
+
+
+def select_tokens(importance: torch.Tensor, attention_mask: torch.Tensor,
+                  keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B, K] of the tokens to keep, in their original order, and their mask [B, K].
+
+    Row b keeps its k_b = max(1, ceil(keep_ratio * n_b)) most important real tokens (n_b real tokens). K is the
+    largest k_b of the batch; a row with k_b < K is filled up with masked tokens. Padding is never kept.
+    """
+    real = attention_mask.bool()
+    num_real = real.sum(dim=1)
+    # In float64 with a tolerance, so that e.g. 0.1 * 30 keeps 3 tokens, not ceil(3.0000000000000004) = 4.
+    num_keep = torch.ceil(num_real.double() * keep_ratio - 1e-9).long().clamp(min=1)
+    width = int(num_keep.max())
+    importance = importance.masked_fill(~real, float("-inf"))
+    ranked = importance.topk(width, dim=1).indices  # most important first
+    kept = torch.arange(width, device=ranked.device)[None, :] < num_keep[:, None]
+    length = attention_mask.shape[1]
+    # Sorting by position puts the kept tokens first in their original order, the filling tokens after them.
+    order = torch.where(kept, ranked, ranked + length).sort(dim=1).values
+    return order % length, order < length
+
+
+class Tiger(nn.Module):
+    """TIGER: a T5 encoder-decoder over semantic-ID tokens, with optional RASTP pruning in the encoder.
+
+    Token 0 is padding and the decoder start token. The decoder emits exactly `sid_length` tokens (no EOS).
+    """
+
+    def __init__(self, *, vocab_size: int, sid_length: int, num_layers: int = 4, num_decoder_layers: int = 4,
+                 d_model: int = 128, num_heads: int = 6, d_kv: int = 64, d_ff: int = 1024, dropout: float = 0.1,
+                 rastp: RastpConfig | Mapping | None = None):
+        super().__init__()
+        self.sid_length = sid_length
+        self.rastp = rastp if isinstance(rastp, RastpConfig) else RastpConfig(**(rastp or {}))
+        if not 1 <= self.rastp.prune_layer <= num_layers:
+            raise ValueError(f"tiger.rastp.prune_layer: {self.rastp.prune_layer} is not in 1..{num_layers}")
+        config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+                          num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
+                          feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0, eos_token_id=None)
+        self.t5 = T5ForConditionalGeneration(config)
+        # Seeds the `random` score; None uses torch's global generator.
+        self.generator: torch.Generator | None = None
+
+    @property
+    def prunes(self) -> bool:
+        """Whether RASTP applies in the current mode."""
+        return self.rastp.enabled and (self.training or self.rastp.at_eval)
+
+    def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder hidden states [B, T', d] and their mask [B, T'] (T' < T when RASTP prunes)."""
+        encoder = self.t5.encoder
+        hidden_states = encoder.dropout(encoder.embed_tokens(input_ids))
+        mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden_states,
+                                           attention_mask=attention_mask)
+        position_bias = None  # block 0 computes T5's relative position bias; the later blocks share it
+        for number, block in enumerate(encoder.block, start=1):
+            block_input = hidden_states
+            hidden_states, position_bias, _ = block(hidden_states, mask4d, position_bias)
+            if self.prunes and number == self.rastp.prune_layer:
+                hidden_states, attention_mask, position_bias = self._prune(
+                    block, block_input, hidden_states, attention_mask, position_bias)
+                mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden_states,
+                                                   attention_mask=attention_mask)
+        hidden_states = encoder.dropout(encoder.final_layer_norm(hidden_states))
+        return hidden_states, attention_mask
+
+    def _prune(self, block: T5Block, block_input: torch.Tensor, hidden_states: torch.Tensor,
+               attention_mask: torch.Tensor, position_bias: torch.Tensor):
+        """RASTP after `block`: the kept tokens' hidden states, their mask and the position bias between them."""
+        with torch.no_grad():  # the selection is discrete: no gradient flows through the scores
+            probs = (self_attention_probs(block, block_input, attention_mask, position_bias)
+                     if self.rastp.score in ("rastp", "attention") else None)
+            importance = token_importance(self.rastp.score, hidden_states, attention_mask, probs, self.generator)
+            index, kept = select_tokens(importance, attention_mask, self.rastp.keep_ratio)
+        hidden_states = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+        if self.rastp.keep_positions:
+            position_bias = self.relative_position_bias(index)  # index = the kept tokens' original positions
+        else:  # as the published RASTP code: the bias of the compact positions 0..K-1
+            position_bias = self._position_attention.compute_bias(index.shape[1], index.shape[1])
+        return hidden_states, kept.to(attention_mask.dtype), position_bias
+
+    @property
+    def _position_attention(self) -> T5Attention:
+        """The encoder self-attention that owns T5's relative position bias (block 0; the others share it)."""
+        return self.t5.encoder.block[0].layer[0].SelfAttention
+
+    def relative_position_bias(self, positions: torch.LongTensor) -> torch.Tensor:
+        """T5's encoder position bias [B, H, K, K] between tokens at the given positions [B, K]."""
+        attention = self._position_attention
+        relative = positions[:, None, :] - positions[:, :, None]  # key position - query position, as T5
+        buckets = T5Attention._relative_position_bucket(
+            relative, bidirectional=True, num_buckets=attention.relative_attention_num_buckets,
+            max_distance=attention.relative_attention_max_distance)
+        return attention.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
+                labels: torch.LongTensor) -> torch.Tensor:
+        """Mean token cross-entropy of `labels` [B, S]; the decoder reads them shifted right after start token 0."""
+        hidden_states, attention_mask = self.encode(input_ids, attention_mask)
+        return self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels).loss
+
+    def decode(self, decoder_input_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor,
+               encoder_attention_mask: torch.Tensor, past_key_values=None):
+        """Stock T5 decoder + LM head on given encoder states; returns (logits [B, t, V], KV cache)."""
+        out = self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
+                      decoder_input_ids=decoder_input_ids, past_key_values=past_key_values,
+                      use_cache=past_key_values is not None)
+        return out.logits, out.past_key_values

@@ -1,0 +1,227 @@
+"""train stage: sequences of semantic IDs -> a trained TIGER, with Lightning.
+
+The history is the user's most recent `tiger.max_history` items, each written as its SID
+tokens, after one hashed user token (TIGER); the decoder generates the next item's SID.
+Every prefix of a user's training history is a training example for its next item; the
+validation target (second-to-last item) picks the checkpoint on NDCG@10 and stops early.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rastp.beam_search import SidCatalogue, beam_search
+from rastp.data import split_user
+from rastp.evaluation import ranking_metrics
+from rastp.tiger import RastpConfig, Tiger
+
+PAD = 0  # padding and decoder start token
+
+
+@dataclass(frozen=True)
+class SidVocabulary:
+    """One vocabulary for every SID level (codes shifted by per-level offsets) plus user buckets."""
+
+    level_sizes: tuple[int, ...]  # L codebook sizes, then the de-duplication level's size
+    user_buckets: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return 1 + np.concatenate([[0], np.cumsum(self.level_sizes)[:-1]])
+
+    @property
+    def user_offset(self) -> int:
+        return 1 + int(sum(self.level_sizes))
+
+    @property
+    def size(self) -> int:
+        return self.user_offset + self.user_buckets
+
+    @property
+    def sid_length(self) -> int:
+        return len(self.level_sizes)
+
+    def item_tokens(self, sids: np.ndarray) -> np.ndarray:
+        """[N, S] codes -> [N, S] token ids."""
+        if sids.shape[1] != self.sid_length or (sids >= np.asarray(self.level_sizes)).any() or (sids < 0).any():
+            raise ValueError(f"SIDs of shape {sids.shape} do not fit level sizes {self.level_sizes}")
+        return (sids + self.offsets).astype(np.int64)
+
+    def user_token(self, user: int) -> list[int]:
+        # Knuth's multiplicative hash spreads consecutive ids over the buckets (TIGER hashes user ids).
+        return [self.user_offset + (user * 2654435761) % self.user_buckets] if self.user_buckets else []
+
+
+@dataclass(frozen=True)
+class Example:
+    user: int
+    history: Sequence[int]  # item ids, oldest first, already cut to max_history
+    target: int
+
+
+def make_examples(sequences: Sequence[Sequence[int]], split: str, max_history: int) -> list[Example]:
+    """train: every prefix of each training history; valid / test: one example per user."""
+    examples = []
+    for user, items in enumerate(sequences):
+        history, valid_target, test_target = split_user(items)
+        if split == "train":
+            examples += [Example(user, history[max(0, t - max_history):t], history[t]) for t in range(1, len(history))]
+        elif split == "valid":
+            examples.append(Example(user, history[-max_history:], valid_target))
+        elif split == "test":
+            examples.append(Example(user, (history + [valid_target])[-max_history:], test_target))
+        else:
+            raise ValueError(f"unknown split {split!r}")
+    return examples
+
+
+class SequenceBatches(Dataset):
+    """Examples -> (input_ids, attention_mask, labels, target item) batches."""
+
+    def __init__(self, examples: list[Example], item_tokens: np.ndarray, vocab: SidVocabulary):
+        self.examples, self.item_tokens, self.vocab = examples, item_tokens, vocab
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        rows = [self.vocab.user_token(e.user) + self.item_tokens[list(e.history)].reshape(-1).tolist() for e in examples]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+        targets = torch.tensor([e.target for e in examples])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": input_ids != PAD,
+            "labels": torch.from_numpy(self.item_tokens[targets.numpy()]),
+            "target": targets,
+        }
+
+
+class SequenceDataModule(L.LightningDataModule):
+    def __init__(self, sequences, item_tokens: np.ndarray, vocab: SidVocabulary, *, max_history: int,
+                 batch_size: int, eval_batch_size: int, num_workers: int = 0):
+        super().__init__()
+        self.sets = {split: SequenceBatches(make_examples(sequences, split, max_history), item_tokens, vocab)
+                     for split in ("train", "valid", "test")}
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        data = self.sets[split]
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=data.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", self.batch_size, True)
+
+    def val_dataloader(self):
+        return self._loader("valid", self.eval_batch_size, False)
+
+    def test_dataloader(self):
+        return self._loader("test", self.eval_batch_size, False)
+
+
+def model_kwargs(tiger_cfg: Mapping, vocab: SidVocabulary) -> dict:
+    """Tiger constructor arguments from the `tiger` params."""
+    keys = ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff", "dropout")
+    return {"vocab_size": vocab.size, "sid_length": vocab.sid_length, **{k: tiger_cfg[k] for k in keys},
+            "rastp": dict(tiger_cfg["rastp"])}
+
+
+class TigerModule(L.LightningModule):
+    """Next-SID cross-entropy training; validation = constrained beam search, Recall/NDCG@10."""
+
+    def __init__(self, model: dict, item_tokens: np.ndarray, *, lr: float, weight_decay: float,
+                 warmup_steps: int, val_beam_size: int):
+        super().__init__()
+        self.save_hyperparameters(ignore=["item_tokens"])
+        self.model = Tiger(**{**model, "rastp": RastpConfig(**model["rastp"])})
+        self.catalogue = SidCatalogue(torch.from_numpy(item_tokens))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        size = len(batch["target"])
+        self.log("val/loss", self.model(batch["input_ids"], batch["attention_mask"], batch["labels"]),
+                 batch_size=size, sync_dist=True)
+        found = beam_search(self.model, batch["input_ids"], batch["attention_mask"], self.catalogue.to(self.device),
+                            beam_size=self.hparams.val_beam_size, top_k=10)
+        for name, value in ranking_metrics(found.items, batch["target"], ks=(10,)).items():
+            self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=size, sync_dist=True)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = min(self.hparams.warmup_steps, total // 10)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
+
+
+def save_model(path: Path, module: TigerModule, vocab: SidVocabulary) -> None:
+    torch.save({"model": module.hparams.model, "state_dict": module.model.state_dict(),
+                "level_sizes": list(vocab.level_sizes), "user_buckets": vocab.user_buckets}, path)
+
+
+def load_model(path: Path, map_location="cpu") -> tuple[Tiger, SidVocabulary]:
+    saved = torch.load(path, map_location=map_location, weights_only=False)
+    kwargs = saved["model"]
+    model = Tiger(**{**kwargs, "rastp": RastpConfig(**kwargs["rastp"])})
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), SidVocabulary(tuple(saved["level_sizes"]), saved["user_buckets"])
+
+
+def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Mapping, model_path: Path,
+                checkpoint_dir: Path, live_dir: Path, *, seed: int) -> dict:
+    """Fit TIGER on one dataset; saves the best model on validation NDCG@10 to `model_path`,
+    training curves to `live_dir` (DVCLive)."""
+    from dvclive.lightning import DVCLiveLogger
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    L.seed_everything(seed, workers=True)
+    tiger_cfg, train_cfg, trainer_cfg = cfg["tiger"], cfg["train"], cfg["trainer"]
+    vocab = SidVocabulary(tuple(level_sizes), int(tiger_cfg["user_buckets"]))
+    item_tokens = vocab.item_tokens(sids)
+    data = SequenceDataModule(sequences, item_tokens, vocab, max_history=int(tiger_cfg["max_history"]),
+                              batch_size=int(train_cfg["batch_size"]), eval_batch_size=int(cfg["evaluate"]["batch_size"]),
+                              num_workers=int(train_cfg["num_workers"]))
+    module = TigerModule(model_kwargs(tiger_cfg, vocab), item_tokens, lr=float(train_cfg["lr"]),
+                         weight_decay=float(train_cfg["weight_decay"]), warmup_steps=int(train_cfg["warmup_steps"]),
+                         val_beam_size=int(train_cfg["val_beam_size"]))
+    checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/ndcg@10", mode="max", save_top_k=1,
+                                  filename="best")
+    max_minutes = float(train_cfg["max_time_minutes"])
+    trainer = L.Trainer(
+        **trainer_cfg, max_epochs=int(train_cfg["max_epochs"]), max_steps=int(train_cfg["max_steps"]),
+        max_time={"minutes": max_minutes} if max_minutes > 0 else None,
+        callbacks=[checkpoints, EarlyStopping(monitor="val/ndcg@10", mode="max", patience=int(train_cfg["patience"]))],
+        logger=DVCLiveLogger(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False),
+        default_root_dir=checkpoint_dir, deterministic=False, enable_model_summary=False, log_every_n_steps=20,
+    )
+    trainer.fit(module, datamodule=data)
+    if trainer.global_rank == 0:
+        best = TigerModule.load_from_checkpoint(checkpoints.best_model_path, item_tokens=item_tokens, map_location="cpu")
+        save_model(model_path, best, vocab)
+    return {"best_val_ndcg@10": float(checkpoints.best_model_score), "epochs": trainer.current_epoch,
+            "steps": trainer.global_step, "train_examples": len(data.sets["train"])}

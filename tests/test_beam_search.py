@@ -1,0 +1,92 @@
+import itertools
+
+import pytest
+import torch
+
+from rastp.beam_search import SidCatalogue, beam_search
+from rastp.tiger import Tiger
+
+# Token layout of the tests: 0 = pad/start, level l codes at 1 + 4 * l + code (4 codes per level), users above.
+CODES, LEVELS, VOCAB = 4, 3, 1 + 4 * 3 + 5
+
+
+def make_catalogue(num_items, seed=0) -> SidCatalogue:
+    generator = torch.Generator().manual_seed(seed)
+    all_sids = torch.tensor(list(itertools.product(range(CODES), repeat=LEVELS)))
+    sids = all_sids[torch.randperm(len(all_sids), generator=generator)[:num_items]]
+    return SidCatalogue(1 + CODES * torch.arange(LEVELS) + sids)
+
+
+def make_model(**rastp) -> Tiger:
+    torch.manual_seed(0)
+    return Tiger(vocab_size=VOCAB, sid_length=LEVELS, num_layers=2, num_decoder_layers=2, d_model=32, num_heads=4,
+                 d_kv=8, d_ff=64, rastp=rastp)
+
+
+def make_histories(batch_size=6, length=10):
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, VOCAB, (batch_size, length), generator=generator)
+    mask = (torch.arange(length)[None, :] < torch.randint(2, length + 1, (batch_size, 1), generator=generator)).long()
+    return input_ids * mask, mask
+
+
+@torch.no_grad()
+def exhaustive_scores(model, input_ids, mask, catalogue) -> torch.Tensor:
+    """[B, N] log-probability of every catalogue SID, teacher forcing all of them."""
+    model.eval()
+    hidden, hidden_mask = model.encode(input_ids, mask)
+    batch_size, num_items = len(input_ids), len(catalogue)
+    labels = catalogue.sid_tokens.repeat(batch_size, 1)
+    decoder_input_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
+    logits, _ = model.decode(decoder_input_ids, hidden.repeat_interleave(num_items, 0),
+                             hidden_mask.repeat_interleave(num_items, 0))
+    token_scores = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    return token_scores.sum(-1).view(batch_size, num_items)
+
+
+def test_catalogue_trie():
+    catalogue = SidCatalogue(torch.tensor([[1, 5, 9], [1, 5, 10], [2, 6, 9]]))
+    assert [t.tolist() for t in catalogue.level_tokens] == [[1, 2], [5, 6], [9, 10]]
+    assert catalogue.children[0].tolist() == [[0, 1]]  # root -> prefixes (1,) and (2,)
+    assert catalogue.children[1].tolist() == [[0, -1], [-1, 1]]  # (1,) -> (1, 5); (2,) -> (2, 6)
+    assert catalogue.children[2].tolist() == [[0, 1], [2, -1]]  # (1, 5) -> items 0 and 1; (2, 6) -> item 2
+    with pytest.raises(ValueError, match="duplicate"):
+        SidCatalogue(torch.tensor([[1, 5, 9], [1, 5, 9]]))
+
+
+@pytest.mark.parametrize("rastp", [{}, {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
+def test_full_beam_is_exact(rastp):
+    catalogue = make_catalogue(40)
+    model = make_model(**rastp).train()
+    input_ids, mask = make_histories()
+    result = beam_search(model, input_ids, mask, catalogue, beam_size=len(catalogue), top_k=10)
+    assert model.training  # mode restored
+    expected_scores, expected_items = exhaustive_scores(model, input_ids, mask, catalogue).topk(10, dim=1)
+    assert torch.equal(result.items, expected_items)
+    torch.testing.assert_close(result.scores, expected_scores)
+    assert result.num_short == 0
+
+
+def test_narrow_beam_returns_valid_items_with_true_scores():
+    catalogue = make_catalogue(40)
+    model = make_model()
+    input_ids, mask = make_histories()
+    result = beam_search(model, input_ids, mask, catalogue, beam_size=5, top_k=5)
+    exhaustive = exhaustive_scores(model, input_ids, mask, catalogue)
+    assert (result.items >= 0).all() and (result.scores[:, :-1] >= result.scores[:, 1:]).all()
+    assert all(len(set(row)) == 5 for row in result.items.tolist())
+    torch.testing.assert_close(result.scores, exhaustive.gather(1, result.items))
+
+
+def test_short_lists_are_counted():
+    catalogue = make_catalogue(3)
+    model = make_model()
+    input_ids, mask = make_histories(batch_size=4)
+    for beam_size in (2, 8):  # fewer beams than top_k, and more beams than items
+        result = beam_search(model, input_ids, mask, catalogue, beam_size=beam_size, top_k=5)
+        found = min(beam_size, 3)
+        assert result.items.shape == result.scores.shape == (4, 5)
+        assert result.num_short == 4
+        assert (result.items[:, :found] >= 0).all() and (result.items[:, found:] == -1).all()
+        assert torch.isfinite(result.scores[:, :found]).all() and (result.scores[:, found:] == float("-inf")).all()
+    assert beam_search(model, input_ids, mask, catalogue, beam_size=8, top_k=3).num_short == 0

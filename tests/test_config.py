@@ -1,0 +1,43 @@
+"""params.yaml + dotted overrides, and where hand runs write."""
+
+from pathlib import Path
+
+import pytest
+
+from rastp import config
+from rastp.config import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+
+def test_dvc_run_writes_dvc_paths():
+    cfg, paths = config.load(["dataset=ml100k"])
+    assert cfg.seed == 42 and paths.run_dir is None
+    assert paths.model(write=True) == Path("data/models/ml100k")
+    assert paths.metrics() == Path("metrics/ml100k.json")
+    assert paths.metrics("codebook") == Path("metrics/codebook/ml100k.json")
+
+
+def test_overrides_apply_and_send_outputs_to_a_run_folder(tmp_path, monkeypatch):
+    cfg, paths = config.load(["dataset=ml100k", "train.lr=0.002", "tiger.rastp.enabled=true"])
+    assert cfg.train.lr == 0.002 and cfg.tiger.rastp.enabled is True
+    assert paths.run_dir.parent == Path("runs") and paths.run_dir.name.startswith("ml100k-")
+    assert paths.model(write=True) == paths.run_dir / "data/models/ml100k"
+    # inputs come from the run folder when it has them, else from DVC's outputs
+    assert paths.prepared() == Path("data/prepared/ml100k")
+    _, same = config.load(["dataset=ml100k", "tiger.rastp.enabled=true", "train.lr=0.002"])
+    assert same.run_dir == paths.run_dir  # the folder depends on the overrides, not their order
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dataset=nope"], "unknown dataset 'nope'"),
+    (["train.lr=0.1"], "missing dataset="),
+    (["dataset=ml100k", "train.no_such_key=1"], "bad override"),
+    (["dataset=ml100k", "lr"], "not of the form key=value"),
+])
+def test_bad_arguments_are_clear_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(argv)

@@ -1,0 +1,38 @@
+"""Recall@K / NDCG@K against hand-computed values; the popularity baseline."""
+
+import math
+
+import pytest
+import torch
+
+from rastp.evaluation import popularity_ranking, ranking_metrics
+
+
+def test_ranking_metrics_match_hand_computed_values():
+    ranked = torch.tensor([
+        [7, 3, 9, 1, 2, 5, 6, 8, 0, 4],   # target 7 at rank 1
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],   # target 6 at rank 6: outside the top 5
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 0],   # target 11 absent
+        [5, 4, 8, -1, -1, -1, -1, -1, -1, -1],  # target 8 at rank 3, short list
+    ])
+    targets = torch.tensor([7, 6, 11, 8])
+    m = ranking_metrics(ranked, targets, ks=(5, 10))
+    assert m["recall@5"].item() == pytest.approx(2 / 4)
+    assert m["recall@10"].item() == pytest.approx(3 / 4)
+    assert m["ndcg@5"].item() == pytest.approx((1 + 1 / math.log2(4)) / 4)
+    assert m["ndcg@10"].item() == pytest.approx((1 + 1 / math.log2(7) + 1 / math.log2(4)) / 4)
+
+
+def test_empty_slots_never_match_and_short_lists_are_rejected():
+    m = ranking_metrics(torch.full((2, 10), -1), torch.tensor([0, 3]), ks=(10,))
+    assert m["recall@10"].item() == 0
+    with pytest.raises(ValueError, match="at least 10"):
+        ranking_metrics(torch.zeros(2, 5, dtype=torch.long), torch.tensor([0, 1]), ks=(10,))
+
+
+def test_popularity_counts_training_histories_only():
+    # training history = all but the last two items of each sequence
+    sequences = [[2, 2, 1, 0, 3], [1, 2, 0, 0], [1, 3, 3]]
+    top = popularity_ranking(sequences, num_items=4, k=4)
+    # counts over histories [2,2,1], [1,2], [1]: item 1 -> 3, item 2 -> 3, items 0 and 3 -> 0
+    assert top.tolist() == [1, 2, 0, 3]

@@ -1,0 +1,98 @@
+"""End to end: the real DVC pipeline on a tiny dataset, and the DVC behaviour users rely on."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from conftest import run, set_params
+
+pytestmark = pytest.mark.slow
+DVC = [sys.executable, "-m", "dvc"]
+ALL_STAGES = {"fetch_ml100k", "prepare@tiny", "embed@tiny", "codebook@tiny", "sids@tiny", "train@tiny", "evaluate@tiny"}
+
+
+def repro(repo) -> set[str]:
+    """Run `dvc repro`; the set of stages it actually ran."""
+    out = run(DVC + ["repro"], repo).stdout
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def restore(repo) -> None:
+    run(["git", "checkout", "--", "."], repo)
+    run(DVC + ["checkout", "-q", "--force"], repo)
+
+
+@pytest.fixture(scope="module")
+def built(pipeline_repo):
+    ran = repro(pipeline_repo)
+    run(["git", "add", "-A"], pipeline_repo)
+    run(["git", "commit", "-qm", "first repro"], pipeline_repo)
+    return pipeline_repo, ran
+
+
+def test_fresh_clone_repro_runs_every_stage_and_writes_metrics(built):
+    repo, ran = built
+    assert ran == ALL_STAGES
+    metrics = json.loads((repo / "metrics/tiny.json").read_text())
+    for model in ("tiger", "popularity"):
+        m = metrics[model]
+        assert set(m) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
+        assert 0 <= m["ndcg@5"] <= m["recall@5"] <= m["recall@10"] <= 1
+        assert m["ndcg@5"] <= m["ndcg@10"] <= m["recall@10"]
+    assert metrics["users"] == 30
+    codebook = json.loads((repo / "metrics/codebook/tiny.json").read_text())
+    assert len(codebook["usage"]) == 2 and 0 < codebook["unique_fraction"] <= 1
+    # training curves for `dvc plots`: one row per logged step
+    curves = list((repo / "metrics/train/tiny/plots/metrics").rglob("*.tsv"))
+    assert any("ndcg" in p.name for p in curves)
+    assert "metrics/tiny.json" in run(DVC + ["metrics", "show"], repo).stdout
+
+
+def test_second_repro_does_nothing(built):
+    repo, _ = built
+    assert repro(repo) == set()
+    assert "up to date" in run(DVC + ["status"], repo).stdout
+
+
+def test_tiger_param_reruns_only_train_and_evaluate(built):
+    repo, _ = built
+    set_params(repo / "params.yaml", {"tiger.dropout": 0.2})
+    try:
+        assert repro(repo) == {"train@tiny", "evaluate@tiny"}
+    finally:
+        restore(repo)
+
+
+def test_codebook_param_reruns_codebook_and_everything_after(built):
+    repo, _ = built
+    set_params(repo / "params.yaml", {"codebook.lr": 0.002})
+    try:
+        assert repro(repo) == {"codebook@tiny", "sids@tiny", "train@tiny", "evaluate@tiny"}
+    finally:
+        restore(repo)
+
+
+def test_exp_run_with_seed_is_listed_and_diffed(built):
+    repo, _ = built
+    out = run(DVC + ["exp", "run", "-S", "seed=2025"], repo).stdout
+    assert "Ran experiment" in out
+    shown = run(DVC + ["exp", "show", "--json"], repo).stdout
+    assert "2025" in shown and "ndcg@10" in shown
+    diff = json.loads(run(DVC + ["metrics", "diff", "--json", "--all"], repo).stdout)
+    assert "metrics/tiny.json" in diff and "tiger.ndcg@10" in diff["metrics/tiny.json"]
+    restore(repo)
+
+
+def test_hand_run_with_overrides_leaves_dvc_outputs_alone(built):
+    repo, _ = built
+    before = (repo / "metrics/tiny.json").read_text()
+    done = run([sys.executable, "stages/evaluate.py", "dataset=tiny", "evaluate.beam_size=12"], repo)
+    assert "runs/tiny-" in done.stderr
+    written = list((repo / "runs").glob("tiny-*/metrics/tiny.json"))
+    assert len(written) == 1
+    assert (repo / "metrics/tiny.json").read_text() == before
+    assert "dvc" not in run(["git", "status", "--porcelain", "dvc.lock"], repo).stdout

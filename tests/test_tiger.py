@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+from transformers.masking_utils import create_bidirectional_mask
+
+from rastp.tiger import RastpConfig, Tiger, select_tokens, self_attention_probs
+
+VOCAB, SID_LENGTH = 60, 3
+
+
+def make_model(*, num_layers=3, dropout=0.0, seed=0, **rastp) -> Tiger:
+    torch.manual_seed(seed)
+    return Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, num_layers=num_layers, num_decoder_layers=2, d_model=32,
+                 num_heads=4, d_kv=8, d_ff=64, dropout=dropout, rastp=rastp)
+
+
+def make_batch(seed=1):
+    """Five histories of 13 tokens with 13, 9, 4, 1 and 12 real tokens (right- and left-padded rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (5, 13), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    mask[3, 1:] = 0
+    mask[4, :1] = 0
+    labels = torch.randint(1, VOCAB, (5, SID_LENGTH), generator=generator)
+    return input_ids * mask, mask, labels
+
+
+def num_keep(mask, keep_ratio):
+    return [max(1, math.ceil(round(keep_ratio * int(n), 9))) for n in mask.sum(dim=1)]
+
+
+def stock_block_outputs(model, input_ids, mask):
+    """Each stock encoder block's output and self-attention probabilities (eager attention), eval mode."""
+    encoder = model.t5.encoder
+    model.t5.set_attn_implementation("eager")
+    attentions = encoder(input_ids=input_ids, attention_mask=mask, output_attentions=True).attentions
+    model.t5.set_attn_implementation("sdpa")
+    hidden, bias, outputs = encoder.embed_tokens(input_ids), None, []
+    mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=mask)
+    for block in encoder.block:
+        hidden, bias, _ = block(hidden, mask4d, bias)
+        outputs.append(hidden)
+    return outputs, attentions
+
+
+def test_config_validation():
+    assert make_model(enabled=True).rastp == RastpConfig(enabled=True)
+    with pytest.raises(ValueError, match="score"):
+        RastpConfig(score="entropy")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        RastpConfig(keep_ratio=0.0)
+    with pytest.raises(ValueError, match="prune_layer"):
+        make_model(prune_layer=4)
+
+
+def test_encoder_without_pruning_equals_stock_t5_encoder():
+    input_ids, mask, _ = make_batch()
+    for rastp in ({"enabled": False}, {"enabled": True, "at_eval": False}):  # eval mode: no pruning either way
+        model = make_model(**rastp).eval()
+        hidden, out_mask = model.encode(input_ids, mask)
+        stock = model.t5.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(hidden, stock) and torch.equal(out_mask, mask)
+
+
+def test_attention_probs_reproduce_t5_self_attention():
+    input_ids, mask, _ = make_batch()
+    model = make_model().eval()
+    outputs, attentions = stock_block_outputs(model, input_ids, mask)
+    bias = model.t5.encoder.block[0].layer[0].SelfAttention.compute_bias(13, 13)
+    for number in (0, 1):
+        block_input = model.t5.encoder.embed_tokens(input_ids) if number == 0 else outputs[number - 1]
+        probs = self_attention_probs(model.t5.encoder.block[number], block_input, mask, bias)
+        torch.testing.assert_close(probs, attentions[number])
+
+
+def test_select_tokens_keeps_top_k_real_tokens_in_order():
+    _, mask, _ = make_batch()
+    importance = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    importance[mask == 0] = 100.0  # padding must lose even with the highest score
+    for keep_ratio in (0.1, 0.3, 0.5, 0.77, 1.0):
+        index, kept = select_tokens(importance, mask, keep_ratio)
+        counts = num_keep(mask, keep_ratio)
+        assert index.shape == kept.shape == (5, max(counts))
+        for row, count in enumerate(counts):
+            real = mask[row].nonzero().flatten()
+            top = real[importance[row, real].topk(count).indices].sort().values
+            assert torch.equal(index[row, :count], top)  # the top-k, in original order
+            assert kept[row, :count].all() and not kept[row, count:].any()
+
+
+@pytest.mark.parametrize("score", ["rastp", "norm", "attention", "random"])
+def test_pruning_keeps_top_k_by_score(score):
+    """Pruning after the last block: the output is the stock output at the top-k tokens by `score`."""
+    input_ids, mask, _ = make_batch()
+    model = make_model(enabled=True, at_eval=True, prune_layer=3, keep_ratio=0.4, score=score).eval()
+    model.generator = torch.Generator().manual_seed(7)
+    outputs, attentions = stock_block_outputs(model, input_ids, mask)
+    received = torch.einsum("bhqk,bq->bk", attentions[2], mask.float())
+    norm = outputs[2].norm(dim=-1)
+    importance = {"rastp": received * norm, "attention": received, "norm": norm,
+                  "random": torch.rand(mask.shape, generator=torch.Generator().manual_seed(7))}[score]
+    hidden, out_mask = model.encode(input_ids, mask)
+    stock = model.t5.encoder.final_layer_norm(outputs[2])
+    counts = num_keep(mask, 0.4)
+    assert hidden.shape == (5, max(counts), 32) and out_mask.tolist() == [
+        [1] * c + [0] * (max(counts) - c) for c in counts]
+    for row, count in enumerate(counts):
+        real = mask[row].nonzero().flatten()
+        top = real[importance[row, real].topk(count).indices].sort().values
+        torch.testing.assert_close(hidden[row, :count], stock[row, top])
+
+
+def test_later_blocks_run_on_shorter_tensors():
+    input_ids, mask, labels = make_batch()
+    model = make_model(enabled=True, prune_layer=1, keep_ratio=0.5).train()
+    widths = []
+    for block in model.t5.encoder.block:
+        block.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    cross_widths = []
+    model.t5.decoder.block[0].layer[1].register_forward_pre_hook(
+        lambda module, args, kwargs: cross_widths.append(kwargs["key_value_states"].shape[1]), with_kwargs=True)
+    loss = model(input_ids, mask, labels)
+    loss.backward()
+    width = max(num_keep(mask, 0.5))
+    assert widths == [13, width, width] and cross_widths == [width]
+    assert torch.isfinite(loss)
+    _, out_mask = model.encode(input_ids, mask)
+    assert out_mask.sum(dim=1).tolist() == num_keep(mask, 0.5)
+
+
+def test_keep_ratio_one_equals_unpruned_model():
+    input_ids, mask, labels = make_batch()
+    mask[1:, -1], mask[0, 0] = 0, 0  # no row is full: the pruned width (12) is shorter than the input (13)
+    unpruned, pruned = make_model().train(), make_model(enabled=True, keep_ratio=1.0, prune_layer=1).train()
+    hidden, out_mask = pruned.encode(input_ids, mask)
+    assert hidden.shape[1] == 12
+    reference = unpruned.encode(input_ids, mask)[0]
+    for row in range(5):
+        torch.testing.assert_close(hidden[row][out_mask[row] == 1], reference[row][mask[row] == 1])
+    torch.testing.assert_close(pruned(input_ids, mask, labels), unpruned(input_ids, mask, labels))
+
+
+def test_keep_positions_uses_original_positions():
+    """Gathering the kept tokens with their original positions equals masking the dropped ones out of the
+    full-length sequence in the later blocks; compact positions (the published code's behaviour) differ."""
+    input_ids, mask, _ = make_batch()
+    model = make_model(enabled=True, at_eval=True, prune_layer=1, keep_ratio=0.5).eval()
+    encoder = model.t5.encoder
+    outputs, attentions = stock_block_outputs(model, input_ids, mask)
+    importance = torch.einsum("bhqk,bq->bk", attentions[0], mask.float()) * outputs[0].norm(dim=-1)
+    index, kept = select_tokens(importance, mask, 0.5)
+    kept_mask = torch.zeros_like(mask).scatter(1, index, kept.long())
+    hidden, bias = outputs[0], encoder.block[0].layer[0].SelfAttention.compute_bias(13, 13)
+    mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=kept_mask)
+    for block in encoder.block[1:]:
+        hidden, _, _ = block(hidden, mask4d, bias)
+    masked_reference = encoder.final_layer_norm(hidden).gather(1, index[..., None].expand(-1, -1, 32))
+
+    pruned, out_mask = model.encode(input_ids, mask)
+    assert torch.equal(out_mask, kept.long())
+    torch.testing.assert_close(pruned[kept], masked_reference[kept])
+
+    model.rastp.keep_positions = False
+    compact, _ = model.encode(input_ids, mask)
+    assert not torch.allclose(compact[kept], masked_reference[kept], atol=1e-3)
+
+
+def test_pruning_only_at_eval_when_asked():
+    input_ids, mask, _ = make_batch()
+    model = make_model(enabled=True, keep_ratio=0.5)
+    assert model.train().encode(input_ids, mask)[0].shape[1] == max(num_keep(mask, 0.5))
+    assert model.eval().encode(input_ids, mask)[0].shape[1] == 13
+    model.rastp.at_eval = True
+    assert model.encode(input_ids, mask)[0].shape[1] == max(num_keep(mask, 0.5))
