@@ -57,8 +57,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="codebook.KEY=VALUE", help="override a param")
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seed", type=int, default=None, help="default: params.yaml `seed`")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--out", default="bench/results/codebooks.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     params = yaml.safe_load(Path(args.params).read_text())
     base = with_overrides(params["codebook"], parse_set(args.set))

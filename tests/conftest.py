@@ -86,7 +86,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 def make_pipeline_repo(dest: Path) -> Path:
     """A git + DVC repo holding this project's pipeline (dvc.yaml, params.yaml, stages/, src/)
-    and the tiny dataset, committed: a stand-in for a fresh clone."""
+    and the tiny dataset (tracked by DVC), committed: a stand-in for a fresh clone."""
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, dest / name)
@@ -99,6 +99,7 @@ def make_pipeline_repo(dest: Path) -> Path:
     run(["git", "config", "user.name", "test"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], dest)
+    run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/tiny"], dest)  # raw data is DVC's, as for Amazon
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "pipeline with a tiny dataset"], dest)
     return dest

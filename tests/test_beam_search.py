@@ -38,7 +38,7 @@ def exhaustive_scores(model, input_ids, mask, catalogue) -> torch.Tensor:
     batch_size, num_items = len(input_ids), len(catalogue)
     labels = catalogue.sid_tokens.repeat(batch_size, 1)
     decoder_input_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
-    logits, _ = model.decode(decoder_input_ids, hidden.repeat_interleave(num_items, 0),
+    logits = model.decode(decoder_input_ids, hidden.repeat_interleave(num_items, 0),
                              hidden_mask.repeat_interleave(num_items, 0))
     token_scores = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
     return token_scores.sum(-1).view(batch_size, num_items)

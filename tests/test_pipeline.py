@@ -84,6 +84,10 @@ def test_exp_run_with_seed_is_listed_and_diffed(built):
     assert "2025" in shown and "ndcg@10" in shown
     diff = json.loads(run(DVC + ["metrics", "diff", "--json", "--all"], repo).stdout)
     assert "metrics/tiny.json" in diff and "tiger.ndcg@10" in diff["metrics/tiny.json"]
+    # the seed table: the baseline (seed 42) and the experiment differ only in their seed
+    table = run([sys.executable, "-m", "rastp.report"], repo).stdout
+    assert re.search(r"seeds \[(42, 2025|2025, 42)\]", table)
+    assert re.search(r"\| tiny \| tiger.ndcg@10 \| \d\.\d{4} ± \d\.\d{4} \| 2 \|", table)
     restore(repo)
 
 
@@ -96,3 +100,18 @@ def test_hand_run_with_overrides_leaves_dvc_outputs_alone(built):
     assert len(written) == 1
     assert (repo / "metrics/tiny.json").read_text() == before
     assert "dvc" not in run(["git", "status", "--porcelain", "dvc.lock"], repo).stdout
+
+
+def test_push_fresh_clone_pull_repro_gives_the_same_metrics(built, tmp_path):
+    repo, _ = built
+    run(DVC + ["remote", "add", "-d", "-f", "storage", str(tmp_path / "remote")], repo)
+    run(["git", "commit", "-qam", "a local remote"], repo)
+    run(DVC + ["push", "-q"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "data/raw/tiny").exists()  # raw data comes from the remote, not from git
+    run(DVC + ["pull", "-q"], clone)
+    assert (clone / "data/raw/tiny/ml-100k.inter").read_bytes() == (repo / "data/raw/tiny/ml-100k.inter").read_bytes()
+    assert repro(clone) == set()
+    run(DVC + ["repro", "-q", "--force", "--single-item", "evaluate@tiny"], clone)
+    assert (clone / "metrics/tiny.json").read_text() == (repo / "metrics/tiny.json").read_text()

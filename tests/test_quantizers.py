@@ -14,6 +14,15 @@ from rastp.quantizers import (DeadCodeReset, Quantized, ResidualQuantizer, Setti
 CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second intra-op thread only adds synchronisation, which on a busy machine costs 10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config(**overrides) -> dict:
     cfg = {
         "method": "rqvae", "input_dim": 16, "levels": 2, "codebook_size": 8,
@@ -173,17 +182,18 @@ def test_sinkhorn_balances_the_last_level():
     assert torch.bincount(sinkhorn_assign(d2), minlength=4).tolist() == [2, 2, 2, 2]
     rqz = ResidualQuantizer(2, 4, 1, sinkhorn_last_level=True).eval()
     with torch.no_grad():
-        rqz.codebooks[:] = torch.stack([torch.tensor([[-10.0], [10.0], [20.0], [30.0]]), codebook])
+        rqz.codebooks[:] = torch.stack([torch.tensor([[0.0], [100.0], [200.0], [300.0]]), codebook])
     codes = rqz(x).codes
     assert codes[:, 0].unique().tolist() == [0]                     # earlier levels keep argmin
     assert torch.bincount(codes[:, 1], minlength=4).tolist() == [2, 2, 2, 2]
+    assert rqz.train()(x).codes[:, 1].unique().tolist() == [0]      # final IDs only, not training steps
 
 
 # --------------------------------------------------------------------------- training end to end
 
 @pytest.mark.parametrize("overrides", [
-    {"method": "rqvae"},
-    {"method": "rqvae", "rqvae__quantize": "gumbel"},
+    {"method": "rqvae", "epochs": 60},
+    {"method": "rqvae", "epochs": 60, "lr": 0.01, "rqvae__quantize": "gumbel", "gumbel__decay": 0.98},
     {"method": "rvq", "kmeans_init": False},
     {"method": "rqkmeans"},
 ])
@@ -197,8 +207,9 @@ def test_each_method_trains_and_lowers_reconstruction_error(overrides):
         first_level = [row["inertia"] for row in result.history if row["level"] == 0]
         assert first_level[-1] < first_level[0]
     else:
-        assert result.history[-1]["recon"] < 0.7 * result.history[0]["recon"]
-        assert {"step", "epoch", "loss", "recon", "codebook", "commit"} <= set(result.history[-1])
+        epochs = [row for row in result.history if "epoch" in row]  # after any k-means inertia rows
+        assert epochs[-1]["recon"] < 0.7 * epochs[0]["recon"]
+        assert {"step", "epoch", "loss", "recon", "codebook", "commit"} <= set(epochs[-1])
     assert len(report["usage"]) == len(report["perplexity"]) == 2
     assert all(0 < u <= 1 for u in report["usage"]) and all(1 <= p <= 8 for p in report["perplexity"])
     assert len(result.usage_rows) == 2 * 8

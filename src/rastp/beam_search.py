@@ -9,6 +9,10 @@ come out. The trie is stored level by level as dense tensors (no Python loop ove
 
 A SID's score is its true log-probability under the model: log-softmax over the full vocabulary, then restricted to
 the trie. With beam_size >= the number of items no prefix is ever dropped, so the search is exact.
+
+Cost: the history is encoded once, the decoder's cross-attention keys/values are projected once per history (not per
+beam, see `Tiger.beam_step`), each step feeds one token per beam with a self-attention KV cache, and the first step
+(the empty prefix, the same for all beams) runs once per history.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import DynamicCache
 
 from rastp.tiger import Tiger
 
@@ -96,26 +100,27 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
     """Items [B, W] and scores [B, W] of the final beams, best first (-1 / -inf for beams that found no SID)."""
     batch_size, width = input_ids.shape[0], beam_size
     hidden_states, mask = model.encode(input_ids, attention_mask)  # encoded once, for all steps
-    hidden_states = hidden_states.repeat_interleave(width, dim=0)
-    mask = mask.repeat_interleave(width, dim=0)
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    cross_keys_values = model.cross_attention_keys_values(hidden_states)  # once per history, shared by its beams
+    cache = DynamicCache()  # the decoder's self-attention keys/values of each beam's prefix
     # All beams start from the empty prefix; only the first is live, so the first step does not pick duplicates.
     scores = torch.full((batch_size, width), float("-inf"), device=input_ids.device)
     scores[:, 0] = 0.0
     node = torch.zeros((batch_size, width), dtype=torch.long, device=input_ids.device)
-    tokens = torch.zeros((batch_size * width, 1), dtype=torch.long, device=input_ids.device)  # decoder start token
+    tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=input_ids.device)  # decoder start token
     first_beam = torch.arange(batch_size, device=input_ids.device)[:, None] * width
     levels = len(catalogue.children)
     for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
-        logits, cache = model.decode(tokens, hidden_states, mask, cache)
-        log_probs = logits[:, -1].float().log_softmax(dim=-1)[:, level_tokens].view(batch_size, width, -1)
+        # The true log-probability: softmax over the whole vocabulary, then restricted to the level's tokens.
+        log_probs = model.beam_step(tokens, cache, cross_keys_values, mask).float().log_softmax(dim=-1)[:, level_tokens]
+        if level == 0:  # the empty prefix is decoded once per history, then copied to each of its beams
+            log_probs = log_probs.repeat_interleave(width, dim=0)
+            cache.batch_repeat_interleave(width)
+        log_probs = log_probs.view(batch_size, width, -1)
         child = children[node.clamp(min=0)]  # [B, W, C_l]; dead beams (node -1) have score -inf anyway
         total = (scores[..., None] + log_probs).masked_fill(child < 0, float("-inf")).flatten(1)
         scores, best = total.topk(width, dim=1)
         node = child.flatten(1).gather(1, best)
         tokens = level_tokens[best % len(level_tokens)].view(-1, 1)
         if level + 1 < levels:
-            # Only the self-attention cache follows the beams: the cross-attention keys/values are one user's, the
-            # same for all of its beams.
-            cache.self_attention_cache.reorder_cache((first_beam + best // len(level_tokens)).flatten())
+            cache.reorder_cache((first_beam + best // len(level_tokens)).flatten())
     return node.masked_fill(scores == float("-inf"), -1), scores

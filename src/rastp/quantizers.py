@@ -142,10 +142,10 @@ def check_inputs(embeddings: np.ndarray, s: Settings, source: str) -> None:
 
 # --------------------------------------------------------------------------- k-means and code re-seeding
 
-def squared_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """[N, K] squared Euclidean distances (one matmul; batched and cheap on GPU)."""
-    d = x.pow(2).sum(1, keepdim=True) - 2 * x @ codebook.T + codebook.pow(2).sum(1)
-    return d.clamp_min_(0)
+def squared_distances(x: torch.Tensor, codebook: torch.Tensor, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] squared Euclidean distances as one matmul (x_sq: x's squared norms, when reused)."""
+    x_sq = x.pow(2).sum(1, keepdim=True) if x_sq is None else x_sq
+    return (x_sq - 2 * x @ codebook.T + codebook.pow(2).sum(1)).clamp_min_(0)
 
 
 def sample_far_points(x: torch.Tensor, nearest_d2: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -160,14 +160,17 @@ def sample_far_points(x: torch.Tensor, nearest_d2: torch.Tensor, n: int, generat
 
 def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding: k codes, each a row of x."""
-    first = torch.randint(len(x), (1,), generator=generator, device=x.device)
-    centers = x[first]
-    nearest = squared_distances(x, centers)[:, 0]
-    for _ in range(1, k):
-        c = sample_far_points(x, nearest, 1, generator)
-        centers = torch.cat([centers, c])
-        nearest = torch.minimum(nearest, squared_distances(x, c)[:, 0])
-    return centers
+    x_sq = x.pow(2).sum(1, keepdim=True)
+    index = torch.empty(k, dtype=torch.long, device=x.device)
+    index[0] = torch.randint(len(x), (1,), generator=generator, device=x.device)
+    nearest = squared_distances(x, x[index[:1]], x_sq)[:, 0]
+    for i in range(1, k):
+        # Inverse-CDF draw, one point per step (cheaper than multinomial in this sequential loop).
+        cdf = (nearest.double() + 1e-12).cumsum(0)
+        u = torch.rand(1, generator=generator, device=x.device, dtype=torch.float64) * cdf[-1]
+        index[i] = torch.searchsorted(cdf, u).clamp_max_(len(x) - 1)
+        nearest = torch.minimum(nearest, squared_distances(x, x[index[i:i + 1]], x_sq)[:, 0])
+    return x[index].clone()
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
@@ -175,22 +178,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
 
     Returns the centers and the inertia (mean squared distance to the nearest center) per iteration.
     """
-    centers = kmeans_pp(x, k, generator)
-    inertia = []
+    x_sq = x.pow(2).sum(1, keepdim=True)
+    centers, assign, inertia = kmeans_pp(x, k, generator), None, []
     for _ in range(iters):
-        d = squared_distances(x, centers)
-        nearest, assign = d.min(1)
+        nearest, new_assign = squared_distances(x, centers, x_sq).min(1)
         inertia.append(float(nearest.mean()))
+        if assign is not None and torch.equal(new_assign, assign):
+            break  # converged: the centers below would not move
+        assign = new_assign
         counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(centers).index_add_(0, assign, x)
-        new = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+        centers = torch.zeros_like(centers).index_add_(0, assign, x) / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
         empty = counts == 0
         if empty.any():
-            new[empty] = sample_far_points(x, nearest, int(empty.sum()), generator)
-        converged = torch.allclose(new, centers, rtol=0, atol=1e-7)
-        centers = new
-        if converged:
-            break
+            centers[empty] = sample_far_points(x, nearest, int(empty.sum()), generator)
     return centers, inertia
 
 
@@ -240,10 +240,10 @@ def gumbel_softmax(logits: torch.Tensor, temperature: float, generator: torch.Ge
 
 @dataclass
 class Quantized:
-    z_q: torch.Tensor            # what the decoder sees
-    codes: torch.Tensor          # [B, L] hard codes
+    z_q: torch.Tensor              # what the decoder sees
+    codes: torch.Tensor            # [B, L] hard codes
     residuals: list[torch.Tensor]  # r_l, the input of level l
-    codewords: list[torch.Tensor]  # e_l, what level l subtracts
+    codewords: list[torch.Tensor]  # e_l, the codeword of each item's code at level l
 
 
 class ResidualQuantizer(nn.Module):
@@ -261,24 +261,27 @@ class ResidualQuantizer(nn.Module):
         return self.codebooks.shape[0]
 
     def hard_codes(self, d2: torch.Tensor, level: int) -> torch.Tensor:
-        if self.sinkhorn_last_level and level == self.levels - 1:
+        # Sinkhorn for the final IDs only: in training it triples the step time for no fewer collisions.
+        if self.sinkhorn_last_level and level == self.levels - 1 and not self.training:
             return sinkhorn_assign(d2)
         return d2.argmin(1)
 
     def forward(self, z: torch.Tensor, temperature: float | None = None) -> Quantized:
-        residual, codes, residuals, codewords = z, [], [], []
+        residual, codes, residuals, codewords, subtracted = z, [], [], [], []
+        relax = self.gradient_mode == "gumbel" and self.training
         for level, codebook in enumerate(self.codebooks):
             d2 = squared_distances(residual, codebook)
             code = self.hard_codes(d2.detach(), level)
-            if self.gradient_mode == "gumbel" and self.training:
-                e = gumbel_softmax(-d2, temperature) @ codebook  # logits = negative distances
-            else:
-                e = codebook[code]
+            e = codebook[code]
+            # Gumbel: the relaxed code choice (logits = negative distances) feeds the next level and the
+            # decoder; the codebook terms use the hard codeword, so a flat softmax cannot pull codes together.
+            step = gumbel_softmax(-d2, temperature) @ codebook if relax else e
             codes.append(code)
             residuals.append(residual)
             codewords.append(e)
-            residual = residual - e
-        q = torch.stack(codewords).sum(0)
+            subtracted.append(step)
+            residual = residual - step
+        q = torch.stack(subtracted).sum(0)
         # Straight-through: the decoder's gradient passes to the encoder unchanged; the codebooks learn
         # from the codebook loss only (TIGER). Gumbel and RVQ differentiate through the codewords.
         z_q = z + (q - z).detach() if self.gradient_mode == "ste" else q
@@ -306,7 +309,12 @@ def rq_loss(x: torch.Tensor, x_hat: torch.Tensor, q: Quantized, beta: float) -> 
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
+        linear = nn.Linear(a, b)
+        # He init keeps the latent at the input's scale; PyTorch's default shrinks it ~3x per layer, and
+        # near-equal code distances make the Gumbel softmax flat and its gradients vanish.
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
         if i < len(dims) - 2:
             layers.append(nn.SiLU())
     return nn.Sequential(*layers)
@@ -414,7 +422,7 @@ def _lightning_module(model: Tokenizer, init_data: torch.Tensor, seed: int):
             self.model = model
             self.history: list[dict] = []
             self.init_history: list[dict] = []
-            self._sums: dict[str, float] = {}
+            self._sums: dict = {}  # per-epoch sums of the loss terms, kept on the device
             self._last: Quantized | None = None
 
         def on_fit_start(self):
@@ -478,7 +486,7 @@ def _train(model: Tokenizer, x: torch.Tensor, s: Settings, seed: int, trainer: M
                            batch_size=min(s.batch_size, len(x)), drop_last=False)
     loader = DataLoader(TensorDataset(x), batch_size=None, sampler=sampler)
     fit = L.Trainer(max_epochs=s.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+                    enable_model_summary=False, num_sanity_val_steps=0,
                     **_trainer_kwargs(trainer))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -1,9 +1,9 @@
 """TIGER with RASTP token pruning.
 
 TIGER (Rajput et al., 2023, "Recommender Systems with Generative Retrieval") is a T5 encoder-decoder that reads a
-user's history as semantic-ID tokens and generates the next item's semantic ID. RASTP ("Representation-Aware
-Semantic Token Pruning") scores the encoder's tokens after one block and keeps only the most important ones, so the
-later encoder blocks and the decoder's cross-attention run on a shorter sequence.
+user's history as semantic-ID tokens and generates the next item's semantic ID. RASTP token pruning scores the
+encoder's tokens after one block (attention received x representation norm) and keeps only the most important ones,
+so the later encoder blocks and the decoder's cross-attention run on a shorter sequence.
 
 The model is a stock `transformers.T5ForConditionalGeneration` (`Tiger.t5`): its weights, decoder and `generate`
 are the stock ones. Only the encoder is run by our own loop over `t5.encoder.block`, because pruning happens between
@@ -12,13 +12,12 @@ two of its blocks. With pruning off, `Tiger.encode` equals `t5.encoder` exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import DynamicCache, T5Config, T5ForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
@@ -85,7 +84,8 @@ def select_tokens(importance: torch.Tensor, attention_mask: torch.Tensor,
     """Indices [B, K] of the tokens to keep, in their original order, and their mask [B, K].
 
     Row b keeps its k_b = max(1, ceil(keep_ratio * n_b)) most important real tokens (n_b real tokens). K is the
-    largest k_b of the batch; a row with k_b < K is filled up with masked tokens. Padding is never kept.
+    largest k_b of the batch; a row with k_b < K is filled up with masked tokens. Padding is never kept (every row
+    needs a real token: TIGER's user token at least).
     """
     real = attention_mask.bool()
     num_real = real.sum(dim=1)
@@ -181,9 +181,49 @@ class Tiger(nn.Module):
         return self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels).loss
 
     def decode(self, decoder_input_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor,
-               encoder_attention_mask: torch.Tensor, past_key_values=None):
-        """Stock T5 decoder + LM head on given encoder states; returns (logits [B, t, V], KV cache)."""
-        out = self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
-                      decoder_input_ids=decoder_input_ids, past_key_values=past_key_values,
-                      use_cache=past_key_values is not None)
-        return out.logits, out.past_key_values
+               encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, t, V] of the stock T5 decoder + LM head, teacher-forced on given encoder states."""
+        return self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
+                       decoder_input_ids=decoder_input_ids, use_cache=False).logits
+
+    def cross_attention_keys_values(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Each decoder block's cross-attention keys and values [B, H, T', d_kv], projected once per history."""
+        keys_values = []
+        for block in self.t5.decoder.block:
+            attention = block.layer[1].EncDecAttention
+            shape = (*encoder_hidden_states.shape[:2], attention.n_heads, attention.key_value_proj_dim)
+            keys_values.append(tuple(projection(encoder_hidden_states).view(shape).transpose(1, 2)
+                                     for projection in (attention.k, attention.v)))
+        return keys_values
+
+    def beam_step(self, tokens: torch.LongTensor, self_attention_cache: DynamicCache,
+                  cross_keys_values: list[tuple[torch.Tensor, ...]],
+                  encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B * W, V] of W beams per history, each fed its last token [B * W, 1].
+
+        The stock decoder block by block, except that cross-attention groups the W beams of a history as W queries
+        on that history's keys/values: the stock decoder would need them repeated W times (W times the projections
+        and memory traffic). Equals `decode` (tested through beam search's exactness).
+        """
+        decoder = self.t5.decoder
+        batch_size = encoder_attention_mask.shape[0]
+        hidden_states = decoder.dropout(decoder.embed_tokens(tokens))
+        rows = hidden_states.shape[0]
+        can_attend = encoder_attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T'], broadcast over heads and beams
+        position_bias = None  # block 0 computes the decoder's relative position bias for this step; shared after
+        for block, (keys, values) in zip(decoder.block, cross_keys_values):
+            # Causal self-attention over the cached beam prefix: one query, no mask needed.
+            hidden_states, position_bias, _ = block.layer[0](hidden_states, position_bias=position_bias,
+                                                             past_key_values=self_attention_cache)
+            layer = block.layer[1]
+            attention = layer.EncDecAttention
+            query = attention.q(layer.layer_norm(hidden_states)).view(batch_size, -1, attention.n_heads,
+                                                                      attention.key_value_proj_dim).transpose(1, 2)
+            # T5 attention has no 1/sqrt(d_kv) scaling and no cross-attention position bias.
+            attended = nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=can_attend, scale=1.0)
+            hidden_states = hidden_states + layer.dropout(attention.o(attended.transpose(1, 2).reshape(rows, 1, -1)))
+            hidden_states = block.layer[-1](hidden_states)
+        hidden_states = decoder.dropout(decoder.final_layer_norm(hidden_states))
+        if self.t5.config.scale_decoder_outputs:  # as T5ForConditionalGeneration (tied input/output embeddings)
+            hidden_states = hidden_states * self.t5.config.d_model**-0.5
+        return self.t5.lm_head(hidden_states[:, -1])

@@ -9,6 +9,8 @@ validation target (second-to-last item) picks the checkpoint on NDCG@10 and stop
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -165,18 +167,49 @@ class TigerModule(L.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=size, sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)
-        warmup = min(self.hparams.warmup_steps, total // 10)
+        optimizer, scheduler = make_optimizer(self.model, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                              warmup_steps=self.hparams.warmup_steps,
+                                              total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"}}
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW with a linear warm-up (at most a tenth of training), then cosine decay to 10% of `lr`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = max(1, int(total_steps))
+    warmup = max(1, min(warmup_steps, total // 10))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class ProgressLog(L.Callback):
+    """One line every `every` steps and after each validation: readable in DVC's logs and CI, unlike a tqdm bar."""
+
+    def __init__(self, every: int = 50):
+        self.every, self.start, self.examples = every, None, 0
+
+    def on_train_start(self, trainer, module):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.examples += len(batch["target"])
+        step = trainer.global_step
+        if step % self.every == 0:
+            elapsed = time.perf_counter() - self.start
+            total = trainer.estimated_stepping_batches
+            print(f"[train] step {step}/{total} epoch {trainer.current_epoch} loss {float(outputs['loss']):.4f} "
+                  f"{self.examples / elapsed:.0f} examples/s {elapsed / 60:.1f} min", file=sys.stderr, flush=True)
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            shown = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            print(f"[train] step {trainer.global_step} validation {shown}", file=sys.stderr, flush=True)
 
 
 def save_model(path: Path, module: TigerModule, vocab: SidVocabulary) -> None:
@@ -212,10 +245,14 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/ndcg@10", mode="max", save_top_k=1,
                                   filename="best")
     max_minutes = float(train_cfg["max_time_minutes"])
+    val_every = int(train_cfg["val_every_steps"])  # 0: once per epoch
     trainer = L.Trainer(
         **trainer_cfg, max_epochs=int(train_cfg["max_epochs"]), max_steps=int(train_cfg["max_steps"]),
         max_time={"minutes": max_minutes} if max_minutes > 0 else None,
-        callbacks=[checkpoints, EarlyStopping(monitor="val/ndcg@10", mode="max", patience=int(train_cfg["patience"]))],
+        val_check_interval=val_every or None, check_val_every_n_epoch=None if val_every else 1,
+        callbacks=[checkpoints, EarlyStopping(monitor="val/ndcg@10", mode="max", patience=int(train_cfg["patience"])),
+                   ProgressLog()],
+        enable_progress_bar=False,
         logger=DVCLiveLogger(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False),
         default_root_dir=checkpoint_dir, deterministic=False, enable_model_summary=False, log_every_n_steps=20,
     )

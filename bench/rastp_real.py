@@ -1,0 +1,125 @@
+"""RASTP on real data: training speed and test quality, pruning off vs on, side by side (not a test).
+
+    python bench/rastp_real.py --dataset beauty --steps 300 [--eval-users 3000]
+
+Needs the dataset's pipeline outputs up to `sids` (e.g. `dvc repro sids@beauty` with beauty in
+`datasets`). Both models start from the same weights (same seed), see the same batches in the
+same order with the same optimizer and schedule (params.yaml `train`), and their steps are
+interleaved one by one so that machine load hits both alike. Then both are scored on the same
+test users with the same beam search. Prints a table and writes bench/results/rastp_<dataset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from rastp.beam_search import SidCatalogue, beam_search
+from rastp.data import load_prepared
+from rastp.evaluation import ranking_metrics
+from rastp.io import write_json
+from rastp.tiger import RastpConfig, Tiger
+from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="beauty")
+    ap.add_argument("--steps", type=int, default=300, help="training steps per variant")
+    ap.add_argument("--eval-users", type=int, default=3000, help="test users scored (a fixed random subset; 0: all)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    params = yaml.safe_load(open(args.params))
+    seed, tiger_cfg, train_cfg = params["seed"], params["tiger"], params["train"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    sequences = load_prepared(Path("data/prepared") / args.dataset).sequences
+    sid_dir = Path("data/sids") / args.dataset
+    vocab = SidVocabulary(tuple(json.loads((sid_dir / "levels.json").read_text())["level_sizes"]),
+                          int(tiger_cfg["user_buckets"]))
+    item_tokens = vocab.item_tokens(np.load(sid_dir / "sids.npy"))
+    train = SequenceBatches(make_examples(sequences, "train", tiger_cfg["max_history"]), item_tokens, vocab)
+    loader = DataLoader(train, batch_size=train_cfg["batch_size"], shuffle=True, collate_fn=train.collate,
+                        generator=torch.Generator().manual_seed(seed))
+    batches = iter(loader)
+
+    variants = {"off": False, "on": True}
+    models, optimizers, seconds = {}, {}, dict.fromkeys(variants, 0.0)
+    for name, enabled in variants.items():
+        torch.manual_seed(seed)
+        kwargs = model_kwargs(tiger_cfg, vocab)
+        models[name] = Tiger(**{**kwargs, "rastp": RastpConfig(**{**kwargs["rastp"], "enabled": enabled})}).to(device)
+        optimizers[name] = make_optimizer(models[name], lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
+                                          warmup_steps=train_cfg["warmup_steps"], total_steps=args.steps)
+    print(f"[bench] {args.dataset}: {len(train)} training examples, {args.steps} steps of {train_cfg['batch_size']}, "
+          f"{device}, {torch.get_num_threads()} threads, rastp {tiger_cfg['rastp']}", flush=True)
+    for step in range(args.steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for name, model in models.items():
+            optimizer, scheduler = optimizers[name]
+            model.train()
+            start = time.perf_counter()
+            loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - start
+        if (step + 1) % 25 == 0:
+            print(f"[bench] step {step + 1}: " + ", ".join(f"{n} {s:.0f}s" for n, s in seconds.items()), flush=True)
+
+    test = make_examples(sequences, "test", tiger_cfg["max_history"])
+    if args.eval_users and args.eval_users < len(test):
+        picked = np.random.default_rng(seed).choice(len(test), args.eval_users, replace=False)
+        test = [test[i] for i in sorted(picked)]
+    test_data = SequenceBatches(test, item_tokens, vocab)
+    catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
+    quality = {}
+    for name, model in models.items():
+        ranked, targets = [], []
+        with torch.inference_mode():
+            for batch in DataLoader(test_data, batch_size=params["evaluate"]["batch_size"], collate_fn=test_data.collate):
+                found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
+                                    beam_size=params["evaluate"]["beam_size"], top_k=10)
+                ranked.append(found.items.cpu())
+                targets.append(batch["target"])
+        quality[name] = {k: round(float(v), 5) for k, v in
+                         ranking_metrics(torch.cat(ranked), torch.cat(targets), ks=(5, 10)).items()}
+
+    examples = args.steps * train_cfg["batch_size"]
+    result = {
+        "dataset": args.dataset, "steps": args.steps, "batch_size": train_cfg["batch_size"], "eval_users": len(test),
+        "device": str(device), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "rastp": tiger_cfg["rastp"],
+        "train_seconds": {n: round(s, 1) for n, s in seconds.items()},
+        "examples_per_s": {n: round(examples / s, 1) for n, s in seconds.items()},
+        "speedup": round(seconds["off"] / seconds["on"], 3),
+        "test": quality,
+    }
+    write_json(args.out or f"bench/results/rastp_{args.dataset}.json", result)
+    print("\n| pruning | train s | examples/s | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|---|---|")
+    for name in variants:
+        q = quality[name]
+        print(f"| {name} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} "
+              f"| {q['recall@10']:.4f} | {q['ndcg@10']:.4f} |")
+    print(f"speed-up (off / on wall time): {result['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
