@@ -52,7 +52,8 @@ def parse_set(items: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--embeddings", default="data/embeddings/beauty.npy", help="[items, dim] .npy file")
+    ap.add_argument("--dataset", default="beauty", help="whose `codebook_size` to use (and default embeddings)")
+    ap.add_argument("--embeddings", default=None, help="[items, dim] .npy file (default: data/embeddings/<dataset>.npy)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="codebook.KEY=VALUE", help="override a param")
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -64,7 +65,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     params = yaml.safe_load(Path(args.params).read_text())
-    base = with_overrides(params["codebook"], parse_set(args.set))
+    args.embeddings = args.embeddings or f"data/embeddings/{args.dataset}.npy"
+    base = with_overrides({**params["codebook"], "codebook_size": params["codebook_size"][args.dataset]},
+                          parse_set(args.set))
     seed = params["seed"] if args.seed is None else args.seed
     embeddings = np.load(args.embeddings)
     trainer = {"accelerator": "auto", "devices": 1, "precision": "32-true"}

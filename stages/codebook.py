@@ -34,7 +34,8 @@ def main(argv):
         embeddings = np.load(source)
     except (OSError, ValueError) as err:
         raise DataError(f"{source}: cannot read embeddings ({err})") from None
-    result = fit_codebook(embeddings, config.to_dict(cfg.codebook), seed=cfg.seed,
+    codebook_cfg = {**config.to_dict(cfg.codebook), "codebook_size": cfg.codebook_size[paths.dataset]}
+    result = fit_codebook(embeddings, codebook_cfg, seed=cfg.seed,
                           trainer=config.to_dict(cfg.trainer), source=str(source))
     with atomic_path(paths.codebook(write=True), directory=True) as tmp:
         torch.save(result.state, tmp / "quantizer.pt")

@@ -13,7 +13,7 @@ def main(argv):
     codes_path = paths.codebook() / "codes.npy"
     codes = np.load(codes_path)
     sids = assign_sids(codes, int(cfg.sids.dedup_size), source=str(codes_path))
-    codebook_size = int(cfg.codebook.codebook_size)
+    codebook_size = int(cfg.codebook_size[paths.dataset])
     with atomic_path(paths.sids(write=True), directory=True) as tmp:
         np.save(tmp / "sids.npy", sids)
         write_json(tmp / "levels.json", {"level_sizes": [codebook_size] * codes.shape[1] + [int(cfg.sids.dedup_size)]})

@@ -43,7 +43,7 @@ TINY_PARAMS = {
                   "text_template": "Title: {title}; Year: {year}; Genres: {genres}"},
     "embed.batch_size": 64,
     "codebook.levels": 2,
-    "codebook.codebook_size": 8,
+    "codebook_size.tiny": 8,
     "codebook.epochs": 20,
     "codebook.batch_size": 64,
     "sids.dedup_size": 40,  # a collapsed tiny codebook must not stop the run

@@ -253,8 +253,8 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize("make, overrides, error, message", [
     (lambda x: np.where(np.arange(len(x))[:, None] == 5, np.nan, x), {}, DataError, r"beauty.npy: 1 item.*non-finite.*row 5"),
     (lambda x: np.where(np.arange(len(x))[:, None] == 9, np.inf, x), {}, DataError, r"beauty.npy:.*non-finite.*row 9"),
-    (lambda x: x[:5], {}, ConfigError, r"beauty.npy: 5 items are fewer than codebook.codebook_size=8"),
-    (lambda x: x, {"codebook_size": 0}, ConfigError, r"codebook.codebook_size must be a positive number, got 0"),
+    (lambda x: x[:5], {}, ConfigError, r"beauty.npy: 5 items are fewer than codebook_size.<dataset>=8"),
+    (lambda x: x, {"codebook_size": 0}, ConfigError, r"codebook_size.<dataset> must be a positive number, got 0"),
     (lambda x: x, {"levels": 0}, ConfigError, r"codebook.levels must be a positive number, got 0"),
     (lambda x: x[:, :10], {}, ConfigError, r"beauty.npy: embeddings have width 10 but codebook.input_dim is 16"),
     (lambda x: x[0], {}, DataError, r"beauty.npy: expected a 2-d array"),

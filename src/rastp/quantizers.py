@@ -40,6 +40,11 @@ SINKHORN_ITERS = 100
 
 # --------------------------------------------------------------------------- configuration
 
+def param_name(key: str) -> str:
+    """The params.yaml key behind a `codebook` setting: codes per level are set per dataset."""
+    return "codebook_size.<dataset>" if key == "codebook_size" else f"codebook.{key}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """The `codebook` params section, checked once before anything runs."""
@@ -78,7 +83,7 @@ class Settings:
             if kind is float and isinstance(node, int) and not isinstance(node, bool):
                 node, ok = float(node), True
             if not ok or (check is not None and not check(node)):
-                raise ConfigError(f"codebook.{key} must be {why or kind.__name__}, got {node!r}")
+                raise ConfigError(f"{param_name(key)} must be {why or kind.__name__}, got {node!r}")
             return node
 
         positive = (lambda v: v > 0), "a positive number"
@@ -136,8 +141,8 @@ def check_inputs(embeddings: np.ndarray, s: Settings, source: str) -> None:
         rows = np.flatnonzero(bad)
         raise DataError(f"{source}: {len(rows)} item(s) have non-finite embeddings (NaN/inf), first at row {rows[0]}")
     if n < s.codebook_size:
-        raise ConfigError(f"{source}: {n} items are fewer than codebook.codebook_size={s.codebook_size} "
-                          f"codes per level; lower codebook.codebook_size")
+        raise ConfigError(f"{source}: {n} items are fewer than {param_name('codebook_size')}={s.codebook_size} "
+                          f"codes per level; lower {param_name('codebook_size')}")
 
 
 # --------------------------------------------------------------------------- k-means and code re-seeding
