@@ -56,6 +56,8 @@ TINY_PARAMS = {
     "tiger.d_ff": 64,
     "train.batch_size": 32,
     "train.max_epochs": 3,
+    "train.max_steps": -1,
+    "train.val_every_steps": 0,
     "train.warmup_steps": 5,
     "train.lr": 0.005,
     "evaluate.beam_size": 10,

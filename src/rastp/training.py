@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rastp.beam_search import SidCatalogue, beam_search
+from rastp.config import ConfigError
 from rastp.data import split_user
 from rastp.evaluation import ranking_metrics
 from rastp.tiger import RastpConfig, Tiger
@@ -245,9 +246,16 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/ndcg@10", mode="max", save_top_k=1,
                                   filename="best")
     max_minutes = float(train_cfg["max_time_minutes"])
-    val_every = int(train_cfg["val_every_steps"])  # 0: once per epoch
+    # Validate every `val_every_steps` (0: once per epoch), and at the latest when training ends:
+    # a checkpoint is only ever chosen by validation.
+    steps_per_epoch = math.ceil(len(data.sets["train"]) / int(train_cfg["batch_size"]))
+    max_steps, max_epochs = int(train_cfg["max_steps"]), int(train_cfg["max_epochs"])
+    limits = ([max_steps] if max_steps > 0 else []) + ([max_epochs * steps_per_epoch] if max_epochs > 0 else [])
+    if not limits:
+        raise ConfigError("train.max_steps and train.max_epochs are both unlimited: set one of them")
+    val_every = min(int(train_cfg["val_every_steps"]), min(limits))
     trainer = L.Trainer(
-        **trainer_cfg, max_epochs=int(train_cfg["max_epochs"]), max_steps=int(train_cfg["max_steps"]),
+        **trainer_cfg, max_epochs=max_epochs, max_steps=max_steps,
         max_time={"minutes": max_minutes} if max_minutes > 0 else None,
         val_check_interval=val_every or None, check_val_every_n_epoch=None if val_every else 1,
         callbacks=[checkpoints, EarlyStopping(monitor="val/ndcg@10", mode="max", patience=int(train_cfg["patience"])),
