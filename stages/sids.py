@@ -4,7 +4,7 @@ import numpy as np
 
 from rastp import config
 from rastp.cli import run_stage
-from rastp.io import atomic_path, read_json, write_json
+from rastp.io import atomic_path, write_json
 from rastp.sids import assign_sids, sid_report
 
 
