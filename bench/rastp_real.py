@@ -22,9 +22,9 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from rastp.beam_search import SidCatalogue, beam_search
+from rastp.beam_search import SidCatalogue
 from rastp.data import load_prepared
-from rastp.evaluation import ranking_metrics
+from rastp.evaluation import rank_examples, ranking_metrics
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
 from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs
@@ -92,15 +92,9 @@ def main() -> None:
     catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
     quality = {}
     for name, model in models.items():
-        ranked, targets = [], []
-        with torch.inference_mode():
-            for batch in DataLoader(test_data, batch_size=params["evaluate"]["batch_size"], collate_fn=test_data.collate):
-                found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
-                                    beam_size=params["evaluate"]["beam_size"], top_k=10)
-                ranked.append(found.items.cpu())
-                targets.append(batch["target"])
-        quality[name] = {k: round(float(v), 5) for k, v in
-                         ranking_metrics(torch.cat(ranked), torch.cat(targets), ks=(5, 10)).items()}
+        ranked, targets, _ = rank_examples(model, test_data, catalogue, beam_size=params["evaluate"]["beam_size"],
+                                           batch_size=params["evaluate"]["batch_size"], top_k=10, device=device)
+        quality[name] = {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
 
     examples = args.steps * train_cfg["batch_size"]
     result = {

@@ -32,13 +32,29 @@ def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: in
     return torch.from_numpy(np.argsort(-counts, kind="stable")[:k].copy())
 
 
-def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,
-                   beam_size: int, batch_size: int, ks: Sequence[int]) -> dict:
-    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus beam-search stats."""
+def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, top_k: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Beam-search every example of `data` (a SequenceBatches): ranked items [N, top_k], targets [N], short lists."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from rastp.beam_search import SidCatalogue, beam_search
+    from rastp.beam_search import beam_search
+
+    ranked, targets, num_short = [], [], 0
+    with torch.inference_mode():
+        for batch in tqdm(DataLoader(data, batch_size=batch_size, collate_fn=data.collate), desc="beam search", unit="batch"):
+            found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
+                                beam_size=beam_size, top_k=top_k)
+            ranked.append(found.items.cpu())
+            targets.append(batch["target"])
+            num_short += found.num_short
+    return torch.cat(ranked), torch.cat(targets), num_short
+
+
+def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,
+                   beam_size: int, batch_size: int, ks: Sequence[int]) -> dict:
+    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus beam-search stats."""
+    from rastp.beam_search import SidCatalogue
     from rastp.training import SequenceBatches, load_model, make_examples
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,19 +62,12 @@ def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndar
     item_tokens = vocab.item_tokens(sids)
     data = SequenceBatches(make_examples(sequences, "test", max_history), item_tokens, vocab)
     catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
-    ranked, targets, num_short = [], [], 0
-    with torch.inference_mode():
-        for batch in tqdm(DataLoader(data, batch_size=batch_size, collate_fn=data.collate), desc="beam search", unit="batch"):
-            found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
-                                beam_size=beam_size, top_k=max(ks))
-            ranked.append(found.items.cpu())
-            targets.append(batch["target"])
-            num_short += found.num_short
-    targets = torch.cat(targets)
+    ranked, targets, num_short = rank_examples(model, data, catalogue, beam_size=beam_size, batch_size=batch_size,
+                                               top_k=max(ks), device=device)
     popular = popularity_ranking(sequences, len(sids), max(ks)).expand(len(targets), -1)
     as_floats = lambda metrics: {name: round(float(value), 6) for name, value in metrics.items()}  # noqa: E731
     return {
-        "tiger": as_floats(ranking_metrics(torch.cat(ranked), targets, ks)),
+        "tiger": as_floats(ranking_metrics(ranked, targets, ks)),
         "popularity": as_floats(ranking_metrics(popular, targets, ks)),
         "users": len(targets),
         "short_lists": num_short,
