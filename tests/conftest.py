@@ -101,6 +101,9 @@ def make_pipeline_repo(dest: Path) -> Path:
     run(["git", "config", "user.name", "test"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], dest)
+    # DVC's per-machine state (hashes, indexes; /var/tmp/dvc by default) is keyed by the repo's path, which pytest
+    # reuses across runs: keep this repo's state beside it, fresh each time.
+    run([sys.executable, "-m", "dvc", "config", "core.site_cache_dir", str(dest.parent / f"{dest.name}-dvc-state")], dest)
     run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/tiny"], dest)  # raw data is DVC's, as for Amazon
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "pipeline with a tiny dataset"], dest)

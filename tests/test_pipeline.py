@@ -76,19 +76,34 @@ def test_codebook_param_reruns_codebook_and_everything_after(built):
         restore(repo)
 
 
+def listed_experiments(exp_show: list[dict]) -> dict[str, dict]:
+    """Experiments of `dvc exp show --json` by name -> their data (params, metrics)."""
+    return {rev.get("name"): rev.get("data") or {} for commit in exp_show for exp in commit.get("experiments") or []
+            for rev in exp.get("revs") or []}
+
+
 def test_exp_run_with_seed_is_listed_and_diffed(built):
     repo, _ = built
-    out = run(DVC + ["exp", "run", "-S", "seed=2025"], repo).stdout
-    assert "Ran experiment" in out
-    shown = run(DVC + ["exp", "show", "--json"], repo).stdout
-    assert "2025" in shown and "ndcg@10" in shown
-    diff = json.loads(run(DVC + ["metrics", "diff", "--json", "--all"], repo).stdout)
-    assert "metrics/tiny.json" in diff and "tiger.ndcg@10" in diff["metrics/tiny.json"]
-    # the seed table: the baseline (seed 42) and the experiment differ only in their seed
-    table = run([sys.executable, "-m", "rastp.report"], repo).stdout
-    assert re.search(r"seeds \[(42, 2025|2025, 42)\]", table)
-    assert re.search(r"\| tiny \| tiger.ndcg@10 \| \d\.\d{4} ± \d\.\d{4} \| 2 \|", table)
-    restore(repo)
+    try:
+        out = run(DVC + ["exp", "run", "--name", "seed-2025", "-S", "seed=2025"], repo).stdout
+        assert "Ran experiment" in out
+        shown = json.loads(run(DVC + ["exp", "show", "--json"], repo).stdout)
+        experiments = listed_experiments(shown)
+        # On failure, say what DVC and git hold (this once failed on a CI machine only).
+        context = (f"exp show: {json.dumps(shown)[:3000]}\nexp list -A: {run(DVC + ['exp', 'list', '-A'], repo).stdout}"
+                   f"\nrefs: {run(['git', 'for-each-ref'], repo).stdout}\nexp run: {out[-2000:]}")
+        assert "seed-2025" in experiments, context
+        data = experiments["seed-2025"]
+        assert data["params"]["params.yaml"]["data"]["seed"] == 2025, context
+        assert "ndcg@10" in data["metrics"]["metrics/tiny.json"]["data"]["tiger"], context
+        diff = json.loads(run(DVC + ["metrics", "diff", "--json", "--all"], repo).stdout)
+        assert "metrics/tiny.json" in diff and "tiger.ndcg@10" in diff["metrics/tiny.json"]
+        # the seed table: the baseline (seed 42) and the experiment differ only in their seed
+        table = run([sys.executable, "-m", "rastp.report"], repo).stdout
+        assert re.search(r"seeds \[(42, 2025|2025, 42)\]", table), f"{table}\n{context}"
+        assert re.search(r"\| tiny \| tiger.ndcg@10 \| \d\.\d{4} ± \d\.\d{4} \| 2 \|", table)
+    finally:
+        restore(repo)
 
 
 def test_hand_run_with_overrides_leaves_dvc_outputs_alone(built):
