@@ -8,7 +8,8 @@ after 1 user token, batch 256: the shapes of Beauty, no signal. Everything runs 
    data and full training runs, which this script does not do
 2. evaluation: our beam search vs `t5.generate(num_beams, prefix_allowed_tokens_fn)` on the same model and users:
    same top-10 lists, users/s (target >= 5x faster)
-3. wrapper overhead: a Tiger training step vs a stock T5ForConditionalGeneration step of the same sizes (no slower)
+3. wrapper overhead: a Tiger training step vs a stock T5ForConditionalGeneration step of the same sizes (no slower),
+   and Tiger with torch's dropout vs its packed dropout (the same model otherwise; the gain is CPU-only)
 4. peak memory of training and evaluation, each in a fresh process (CUDA: peak allocated; CPU: peak RSS increase)
 Prints a table and writes bench/results/tiger_speed.json.
 """
@@ -53,12 +54,14 @@ def synthetic_batch(sid_tokens: torch.Tensor, batch_size: int, generator: torch.
 
 
 def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
-    """`stock`: T5ForConditionalGeneration alone; `tiger`: pruning off; `rastp`: pruning on (params' settings)."""
+    """`stock`: T5ForConditionalGeneration alone (torch's dropout); `tiger`: pruning off; `tiger_torch_dropout`: the
+    same with torch's dropout instead of the packed one; `rastp`: pruning on (params' settings)."""
     sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
                                           "dropout")}
     rastp = {**tiger_params["rastp"], "enabled": variant == "rastp"}
     torch.manual_seed(seed)
-    model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp)
+    model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp,
+                  packed_dropout=variant not in ("stock", "tiger_torch_dropout"))
     return model.t5 if variant == "stock" else model
 
 
@@ -172,7 +175,7 @@ def main() -> None:
     print(f"[bench] {device}, {torch.get_num_threads()} threads; rastp {rastp_cfg}")
 
     # 1 + 3: training steps, the variants interleaved step by step so that machine load hits them alike.
-    variants = ["stock", "tiger", "rastp"]
+    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp"]
     models = {v: build(v, params["tiger"], seed).to(device).train() for v in variants}
     optimizers = {v: torch.optim.AdamW(m.parameters()) for v, m in models.items()}
     seconds = dict.fromkeys(variants, 0.0)
@@ -205,10 +208,11 @@ def main() -> None:
     child_args = {"tiger": params["tiger"], "seed": seed, "batch_size": args.batch_size, "eval_users": args.eval_users,
                   "beam_size": args.beam_size, "threads": torch.get_num_threads()}
     memory = {task: peak_memory(task, child_args)
-              for task in ("train-stock", "train-tiger", "train-rastp", "eval-beam", "eval-generate")}
+              for task in [f"train-{v}" for v in variants] + ["eval-beam", "eval-generate"]}
 
     ratios = {"rastp_speedup": round(seconds["tiger"] / seconds["rastp"], 3),
               "tiger_vs_stock_step_time": round(seconds["tiger"] / seconds["stock"], 3),
+              "packed_dropout_speedup": round(seconds["tiger_torch_dropout"] / seconds["tiger"], 3),
               "beam_search_speedup_vs_generate": round(hf_s / ours_s, 2)}
     unit = "MiB peak allocated" if device.type == "cuda" else "MiB peak RSS increase"
     width = batches[0]["input_ids"].shape[1]

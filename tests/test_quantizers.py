@@ -8,8 +8,9 @@ import torch
 import rastp.quantizers as rq
 from rastp.config import ConfigError
 from rastp.io import DataError
-from rastp.quantizers import (DeadCodeReset, Quantized, ResidualQuantizer, Settings, Tokenizer, fit_codebook,
-                              gumbel_softmax, gumbel_temperature, load_quantizer, rq_loss, sinkhorn_assign)
+from rastp.quantizers import (DeadCodeReset, Quantized, ResidualQuantizer, Settings, Tokenizer, distinct_assign,
+                              fit_codebook, gumbel_softmax, gumbel_temperature, load_quantizer, rq_loss,
+                              sinkhorn_assign)
 
 CPU = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 
@@ -30,7 +31,7 @@ def config(**overrides) -> dict:
         "gumbel": {"temperature": 2.0, "min_temperature": 0.05, "decay": 0.9995, "schedule": "exponential",
                    "update_every": 1},
         "standardize": True, "kmeans_init": True, "kmeans_iters": 10, "dead_code_steps": 20,
-        "sinkhorn_last_level": False, "lr": 0.003, "batch_size": 64, "epochs": 15,
+        "last_level": "nearest", "lr": 0.003, "batch_size": 64, "epochs": 15,
     }
     for key, value in overrides.items():
         node, *path = cfg, *key.split("__")
@@ -180,13 +181,36 @@ def test_sinkhorn_balances_the_last_level():
     d2 = torch.cdist(x, codebook).pow(2)
     assert d2.argmin(1).unique().tolist() == [0]
     assert torch.bincount(sinkhorn_assign(d2), minlength=4).tolist() == [2, 2, 2, 2]
-    rqz = ResidualQuantizer(2, 4, 1, sinkhorn_last_level=True).eval()
+    rqz = ResidualQuantizer(2, 4, 1, last_level="sinkhorn").eval()
     with torch.no_grad():
         rqz.codebooks[:] = torch.stack([torch.tensor([[0.0], [100.0], [200.0], [300.0]]), codebook])
     codes = rqz(x).codes
     assert codes[:, 0].unique().tolist() == [0]                     # earlier levels keep argmin
     assert torch.bincount(codes[:, 1], minlength=4).tolist() == [2, 2, 2, 2]
     assert rqz.train()(x).codes[:, 1].unique().tolist() == [0]      # final IDs only, not training steps
+
+
+def test_distinct_last_level_separates_items_that_share_a_prefix():
+    codebook = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    x = torch.tensor([[0.0], [0.1], [0.2], [2.9], [0.05], [0.0]])
+    d2 = torch.cdist(x, codebook).pow(2)
+    prefix = torch.tensor([[7], [7], [7], [7], [8], [9]])  # items 0-3 share a prefix; 4 and 5 are alone
+    codes = distinct_assign(d2, prefix)
+    # group 7: 0, 0.1, 0.2 all prefer code 0, 2.9 prefers 3: the least-distance distinct codes are 0, 1, 2, 3
+    assert codes.tolist() == [0, 1, 2, 3, 0, 0]  # different prefixes may share a last code
+    # the Hungarian optimum, not a greedy pass: total distance no larger than any other distinct assignment
+    assert d2[torch.arange(4), codes[:4]].sum() <= d2[torch.arange(4), torch.tensor([1, 0, 2, 3])].sum()
+    # a group larger than the codebook: as many distinct codes as there are, the rest keep their nearest
+    crowd = torch.zeros(6, 1)
+    crowd_codes = distinct_assign(torch.cdist(crowd, codebook).pow(2), torch.zeros(6, 1, dtype=torch.long))
+    assert sorted(crowd_codes.tolist()) == [0, 0, 0, 1, 2, 3]
+    # in the quantizer: the final IDs only, after nearest codes on the earlier levels
+    rqz = ResidualQuantizer(2, 4, 1, last_level="distinct").eval()
+    with torch.no_grad():
+        rqz.codebooks[:] = torch.stack([torch.tensor([[0.0], [100.0], [200.0], [300.0]]), codebook])
+    points = torch.tensor([[0.0], [0.1], [100.0], [100.1]])
+    assert rqz(points).codes.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert rqz.train()(points).codes[:, 1].tolist() == [0, 0, 0, 0]
 
 
 # --------------------------------------------------------------------------- training end to end

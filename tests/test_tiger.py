@@ -4,15 +4,20 @@ import pytest
 import torch
 from transformers.masking_utils import create_bidirectional_mask
 
-from rastp.tiger import RastpConfig, Tiger, select_tokens, self_attention_probs
+from types import SimpleNamespace
+
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from rastp.tiger import (RastpConfig, Tiger, packed_dropout, sdpa_attention_packed_dropout, select_tokens,
+                         self_attention_probs)
 
 VOCAB, SID_LENGTH = 60, 3
 
 
-def make_model(*, num_layers=3, dropout=0.0, seed=0, **rastp) -> Tiger:
+def make_model(*, num_layers=3, dropout=0.0, seed=0, packed=True, **rastp) -> Tiger:
     torch.manual_seed(seed)
     return Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, num_layers=num_layers, num_decoder_layers=2, d_model=32,
-                 num_heads=4, d_kv=8, d_ff=64, dropout=dropout, rastp=rastp)
+                 num_heads=4, d_kv=8, d_ff=64, dropout=dropout, packed_dropout=packed, rastp=rastp)
 
 
 def make_batch(seed=1):
@@ -175,3 +180,52 @@ def test_pruning_only_at_eval_when_asked():
     assert model.eval().encode(input_ids, mask)[0].shape[1] == 13
     model.rastp.at_eval = True
     assert model.encode(input_ids, mask)[0].shape[1] == max(num_keep(mask, 0.5))
+
+
+def test_packed_dropout_drops_a_fraction_p_and_keeps_the_mean():
+    x = torch.ones(400_000)
+    torch.manual_seed(0)
+    out = packed_dropout(x, 0.1, training=True)
+    dropped = out == 0
+    assert abs(dropped.float().mean().item() - 0.1) < 0.003
+    # each of the four 16-bit slices of a random word drops at rate p (a 63-bit draw would never drop the 4th)
+    for rate in dropped.view(-1, 4).float().mean(dim=0):
+        assert abs(rate.item() - 0.1) < 0.005
+    assert torch.allclose(out[~dropped], torch.full_like(out[~dropped], 1 / 0.9), rtol=1e-4)
+    assert abs(out.mean().item() - 1.0) < 0.01
+    assert not torch.equal(dropped, packed_dropout(x, 0.1, training=True) == 0)  # a fresh mask per call
+    torch.manual_seed(0)
+    assert torch.equal(packed_dropout(x, 0.1, training=True), out)  # seeded by torch's generator
+    assert packed_dropout(x, 0.1, training=False) is x and packed_dropout(x, 0.0, training=True) is x
+    assert torch.equal(packed_dropout(x, 1.0, training=True), torch.zeros_like(x))
+
+
+def test_packed_dropout_attention_equals_sdpa_when_nothing_drops():
+    # p = 1e-9 takes the packed path but rounds to "drop nothing": the same attention as SDPA without dropout
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5, generator=generator)
+    padding = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    for mask, causal in ((None, True), (None, False), (padding, False), (padding.float().log(), False)):
+        module = SimpleNamespace(is_causal=causal, training=True)
+        ours, _ = sdpa_attention_packed_dropout(module, query, key, value, mask, dropout=1e-9, scaling=1.0,
+                                                position_bias=bias)
+        stock, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=1.0, position_bias=bias)
+        torch.testing.assert_close(ours, stock)
+
+
+def test_packed_dropout_model_trains_like_the_stock_dropout_model():
+    input_ids, mask, labels = make_batch()
+    packed, stock = make_model(dropout=1e-9).train(), make_model(dropout=1e-9, packed=False).train()
+    assert not any(type(m) is torch.nn.Dropout for m in packed.modules())
+    losses = [model(input_ids, mask, labels) for model in (packed, stock)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    for a, b in zip(packed.parameters(), stock.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    # with real dropout, training-mode outputs are random and eval-mode outputs deterministic
+    noisy = make_model(dropout=0.3)
+    assert not torch.equal(noisy.train()(input_ids, mask, labels), noisy(input_ids, mask, labels))
+    noisy.eval()
+    assert torch.equal(noisy(input_ids, mask, labels), noisy(input_ids, mask, labels))

@@ -32,6 +32,7 @@ from rastp.sids import collision_stats
 METHODS = ("rqvae", "rqkmeans", "rvq")
 QUANTIZE = ("ste", "gumbel")
 SCHEDULES = ("exponential", "cosine", "linear")
+LAST_LEVEL = ("nearest", "sinkhorn", "distinct")
 # Balanced last level: Sinkhorn-Knopp on distances rescaled to [-1, 1] (LC-Rec uses 0.003 and 50 iterations,
 # which stops short of balance; 0.01 and 100 reach it).
 SINKHORN_EPSILON = 0.01
@@ -66,7 +67,7 @@ class Settings:
     kmeans_init: bool
     kmeans_iters: int
     dead_code_steps: int
-    sinkhorn_last_level: bool
+    last_level: str
     lr: float
     batch_size: int
     epochs: int
@@ -107,7 +108,7 @@ class Settings:
             kmeans_init=get("kmeans_init", bool),
             kmeans_iters=get("kmeans_iters", int, *positive),
             dead_code_steps=get("dead_code_steps", int, lambda v: v >= 0, "a non-negative integer"),
-            sinkhorn_last_level=get("sinkhorn_last_level", bool),
+            last_level=get("last_level", str, lambda v: v in LAST_LEVEL, f"one of {list(LAST_LEVEL)}"),
             lr=get("lr", float, *positive),
             batch_size=get("batch_size", int, *positive),
             epochs=get("epochs", int, lambda v: v >= 0, "a non-negative integer"),
@@ -199,6 +200,28 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     return centers, inertia
 
 
+def distinct_assign(d2: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Nearest codes, except that items sharing a prefix (their earlier levels' codes) get different codes.
+
+    Each prefix group with a collision is re-assigned as a whole: the distinct codes of least total squared
+    distance (the Hungarian method), a collision-free last level as in LC-Rec. A group larger than the codebook
+    gets distinct codes for as many items as there are codes; the rest keep their nearest code.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    codes = d2.argmin(1)
+    group = torch.unique(prefix, dim=0, return_inverse=True)[1] if prefix.shape[1] else torch.zeros_like(codes)
+    pair_count = torch.unique(group * d2.shape[1] + codes, return_inverse=True, return_counts=True)
+    colliding = torch.unique(group[pair_count[2][pair_count[1]] > 1])
+    order = torch.argsort(group, stable=True)
+    starts = torch.searchsorted(group[order], torch.stack([colliding, colliding + 1]))
+    for start, end in starts.T.tolist():
+        members = order[start:end]
+        rows, cols = linear_sum_assignment(d2[members].double().cpu().numpy())
+        codes[members[torch.as_tensor(rows)]] = torch.as_tensor(cols, device=codes.device)
+    return codes
+
+
 def sinkhorn_assign(d2: torch.Tensor) -> torch.Tensor:
     """Balanced assignment: argmax of the entropic optimal transport plan with uniform code marginals.
 
@@ -255,20 +278,25 @@ class ResidualQuantizer(nn.Module):
     """L levels of K codes; level l quantizes the residual r_l = z - e_1 - ... - e_{l-1}."""
 
     def __init__(self, levels: int, codebook_size: int, dim: int, *, gradient_mode: str = "ste",
-                 sinkhorn_last_level: bool = False):
+                 last_level: str = "nearest"):
         super().__init__()
         self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, dim) / math.sqrt(dim))
         self.gradient_mode = gradient_mode
-        self.sinkhorn_last_level = sinkhorn_last_level
+        self.last_level = last_level
 
     @property
     def levels(self) -> int:
         return self.codebooks.shape[0]
 
-    def hard_codes(self, d2: torch.Tensor, level: int) -> torch.Tensor:
-        # Sinkhorn for the final IDs only: in training it triples the step time for no fewer collisions.
-        if self.sinkhorn_last_level and level == self.levels - 1 and not self.training:
-            return sinkhorn_assign(d2)
+    def hard_codes(self, d2: torch.Tensor, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        """Each item's code at `level`; `prefix` [B, level] holds its earlier codes."""
+        # The last level's assignment is for the final IDs only: in training Sinkhorn triples the step time for
+        # no fewer collisions, and a batch is not the catalogue that `distinct` must tell apart.
+        if level == self.levels - 1 and not self.training:
+            if self.last_level == "sinkhorn":
+                return sinkhorn_assign(d2)
+            if self.last_level == "distinct":
+                return distinct_assign(d2, prefix)
         return d2.argmin(1)
 
     def forward(self, z: torch.Tensor, temperature: float | None = None) -> Quantized:
@@ -276,7 +304,8 @@ class ResidualQuantizer(nn.Module):
         relax = self.gradient_mode == "gumbel" and self.training
         for level, codebook in enumerate(self.codebooks):
             d2 = squared_distances(residual, codebook)
-            code = self.hard_codes(d2.detach(), level)
+            code = self.hard_codes(d2.detach(), level, z.new_zeros((len(z), 0), dtype=torch.long) if level == 0
+                                   else torch.stack(codes, 1))
             e = codebook[code]
             # Gumbel: the relaxed code choice (logits = negative distances) feeds the next level and the
             # decoder; the codebook terms use the hard codeword, so a flat softmax cannot pull codes together.
@@ -340,7 +369,7 @@ class Tokenizer(nn.Module):
             self.encoder = self.decoder = nn.Identity()
         latent = s.latent_dim if s.neural else s.input_dim
         self.quantizer = ResidualQuantizer(s.levels, s.codebook_size, latent, gradient_mode=s.gradient_mode,
-                                           sinkhorn_last_level=s.sinkhorn_last_level)
+                                           last_level=s.last_level)
 
     def set_standardization(self, x: torch.Tensor) -> None:
         if self.settings.standardize:
@@ -380,11 +409,16 @@ class Tokenizer(nn.Module):
     def reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.quantizer.decode_codes(codes)) * self.std + self.mean
 
-    def encode(self, embeddings: np.ndarray) -> np.ndarray:
-        """[N, D] embeddings -> [N, L] int64 codes (one batch: the Sinkhorn level balances over it)."""
+    def encode(self, embeddings: np.ndarray, last_level: str | None = None) -> np.ndarray:
+        """[N, D] embeddings -> [N, L] int64 codes, in one batch: the last level's assignment (the settings', or
+        `last_level`) balances or separates over all of them."""
         device = self.mean.device
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32), device=device)
-        return self.codes(x).cpu().numpy().astype(np.int64)
+        chosen, self.quantizer.last_level = self.quantizer.last_level, last_level or self.quantizer.last_level
+        try:
+            return self.codes(x).cpu().numpy().astype(np.int64)
+        finally:
+            self.quantizer.last_level = chosen
 
 
 # --------------------------------------------------------------------------- training
@@ -538,6 +572,8 @@ def fit_codebook(embeddings: np.ndarray, cfg: Mapping, *, seed: int, trainer: Ma
     model.cpu().eval()
     codes = model.encode(x.numpy())
     report, usage_rows = quality_report(model, x, codes)
+    # What the quantizer alone achieves: every level at its nearest code, no balancing or separating.
+    report["unique_fraction_nearest"] = collision_stats(model.encode(x.numpy(), last_level="nearest"))["unique_fraction"]
     report.update(method=s.method if not s.neural else f"rqvae-{s.quantize}", train_seconds=round(train_seconds, 2))
     state = {"method": s.method, "cfg": _plain(cfg), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
     return CodebookResult(codes=codes, state=state, report=report, usage_rows=usage_rows, history=history)

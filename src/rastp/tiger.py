@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, T5Config, T5ForConditionalGeneration
-from transformers.masking_utils import create_bidirectional_mask
+from transformers import AttentionInterface, DynamicCache, T5Config, T5ForConditionalGeneration
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, create_bidirectional_mask, sdpa_mask
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
 SCORES = ("rastp", "norm", "attention", "random")
@@ -40,6 +41,63 @@ class RastpConfig:
             raise ValueError(f"tiger.rastp.score: {self.score!r} is not one of {SCORES}")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"tiger.rastp.keep_ratio: {self.keep_ratio} is not in (0, 1]")
+
+
+def packed_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout whose keep mask is cut from 64-bit random words, four 16-bit draws each (on CPU).
+
+    torch's CPU dropout draws one random number per element: at TIGER's sizes that is a quarter of a training step,
+    more than the attention matmuls. Four elements per 64-bit draw make the mask ~3x cheaper. The drop probability
+    is p rounded to a multiple of 1/65536. On other devices (CUDA's dropout is cheap already): torch's dropout.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return nn.functional.dropout(x, p, training=True)
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    drops = round(p * 65536)  # of the 65536 values of a 16-bit draw, this many drop the element
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= drops - 32768
+    return x * keep * (65536 / (65536 - drops))
+
+
+class PackedDropout(nn.Dropout):
+    """`nn.Dropout` with `packed_dropout`'s mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_dropout(x, self.p, self.training)
+
+
+def sdpa_attention_packed_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                                  scaling: float | None = None, is_causal: bool | None = None,
+                                  position_bias: torch.Tensor | None = None, **kwargs):
+    """transformers' SDPA attention, except on CPU with dropout: there the attention weights are formed here
+    (T5: q.k + position bias, masked, softmax) so that their dropout can use `packed_dropout`.
+
+    The masks are SDPA's: boolean (True: attend) or additive, or None with `is_causal` for causal self-attention.
+    """
+    if dropout == 0.0 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
+    scores = query @ key.transpose(2, 3) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if position_bias is not None:
+        scores = scores + position_bias
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and query.shape[2] > 1:
+        attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None:
+        scores = (scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                  if attention_mask.dtype == torch.bool else scores + attention_mask)
+    weights = packed_dropout(scores.softmax(dim=-1), dropout, training=True)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+# Registered under its own name (with SDPA's masks): the stock `sdpa` entry stays untouched for every other model.
+PACKED_DROPOUT_ATTENTION = "sdpa_packed_dropout"
+AttentionInterface.register(PACKED_DROPOUT_ATTENTION, sdpa_attention_packed_dropout)
+AttentionMaskInterface.register(PACKED_DROPOUT_ATTENTION, sdpa_mask)
 
 
 def self_attention_probs(block: T5Block, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
@@ -109,7 +167,7 @@ class Tiger(nn.Module):
 
     def __init__(self, *, vocab_size: int, sid_length: int, num_layers: int = 4, num_decoder_layers: int = 4,
                  d_model: int = 128, num_heads: int = 6, d_kv: int = 64, d_ff: int = 1024, dropout: float = 0.1,
-                 rastp: RastpConfig | Mapping | None = None):
+                 packed_dropout: bool = True, rastp: RastpConfig | Mapping | None = None):
         super().__init__()
         self.sid_length = sid_length
         self.rastp = rastp if isinstance(rastp, RastpConfig) else RastpConfig(**(rastp or {}))
@@ -118,7 +176,14 @@ class Tiger(nn.Module):
         config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
                           num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
                           feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0, eos_token_id=None)
+        if packed_dropout:  # the same dropout, with a cheaper mask on CPU (`packed_dropout`)
+            config._attn_implementation = PACKED_DROPOUT_ATTENTION
         self.t5 = T5ForConditionalGeneration(config)
+        if packed_dropout:
+            for module in list(self.t5.modules()):
+                for name, child in module.named_children():
+                    if type(child) is nn.Dropout:
+                        setattr(module, name, PackedDropout(child.p))
         # Seeds the `random` score; None uses torch's global generator.
         self.generator: torch.Generator | None = None
 

@@ -138,7 +138,7 @@ class SequenceDataModule(L.LightningDataModule):
 
 def model_kwargs(tiger_cfg: Mapping, vocab: SidVocabulary) -> dict:
     """Tiger constructor arguments from the `tiger` params."""
-    keys = ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff", "dropout")
+    keys = ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff", "dropout", "packed_dropout")
     return {"vocab_size": vocab.size, "sid_length": vocab.sid_length, **{k: tiger_cfg[k] for k in keys},
             "rastp": dict(tiger_cfg["rastp"])}
 
