@@ -288,24 +288,25 @@ class ResidualQuantizer(nn.Module):
     def levels(self) -> int:
         return self.codebooks.shape[0]
 
-    def hard_codes(self, d2: torch.Tensor, level: int, prefix: torch.Tensor) -> torch.Tensor:
+    def hard_codes(self, d2: torch.Tensor, level: int, prefix: torch.Tensor, last_level: str) -> torch.Tensor:
         """Each item's code at `level`; `prefix` [B, level] holds its earlier codes."""
         # The last level's assignment is for the final IDs only: in training Sinkhorn triples the step time for
         # no fewer collisions, and a batch is not the catalogue that `distinct` must tell apart.
         if level == self.levels - 1 and not self.training:
-            if self.last_level == "sinkhorn":
+            if last_level == "sinkhorn":
                 return sinkhorn_assign(d2)
-            if self.last_level == "distinct":
+            if last_level == "distinct":
                 return distinct_assign(d2, prefix)
         return d2.argmin(1)
 
-    def forward(self, z: torch.Tensor, temperature: float | None = None) -> Quantized:
+    def forward(self, z: torch.Tensor, temperature: float | None = None, last_level: str | None = None) -> Quantized:
+        """`last_level`: the final IDs' last-level assignment, if not the quantizer's own."""
         residual, codes, residuals, codewords, subtracted = z, [], [], [], []
         relax = self.gradient_mode == "gumbel" and self.training
         for level, codebook in enumerate(self.codebooks):
             d2 = squared_distances(residual, codebook)
             code = self.hard_codes(d2.detach(), level, z.new_zeros((len(z), 0), dtype=torch.long) if level == 0
-                                   else torch.stack(codes, 1))
+                                   else torch.stack(codes, 1), last_level or self.last_level)
             e = codebook[code]
             # Gumbel: the relaxed code choice (logits = negative distances) feeds the next level and the
             # decoder; the codebook terms use the hard codeword, so a flat softmax cannot pull codes together.
@@ -398,10 +399,10 @@ class Tokenizer(nn.Module):
         return history
 
     @torch.no_grad()
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
+    def codes(self, x: torch.Tensor, last_level: str | None = None) -> torch.Tensor:
         was_training = self.training
         self.eval()
-        codes = self.quantizer(self.latent(x)).codes
+        codes = self.quantizer(self.latent(x), last_level=last_level).codes
         self.train(was_training)
         return codes
 
@@ -414,11 +415,7 @@ class Tokenizer(nn.Module):
         `last_level`) balances or separates over all of them."""
         device = self.mean.device
         x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32), device=device)
-        chosen, self.quantizer.last_level = self.quantizer.last_level, last_level or self.quantizer.last_level
-        try:
-            return self.codes(x).cpu().numpy().astype(np.int64)
-        finally:
-            self.quantizer.last_level = chosen
+        return self.codes(x, last_level).cpu().numpy().astype(np.int64)
 
 
 # --------------------------------------------------------------------------- training
