@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from rastp import config
-from rastp.data import load_prepared, split_user
 from rastp.beam_search import SidCatalogue
+from rastp.data import load_prepared, split_user
 from rastp.evaluation import rank_examples
 from rastp.io import write_json
 from rastp.training import SequenceBatches, load_model, make_examples
@@ -50,8 +50,7 @@ def model_cross_entropy(model, data: SequenceBatches, batch_size: int = 256) -> 
         batch = data.collate(data.examples[start:start + batch_size])
         hidden, mask = model.encode(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
-        decoder_input = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
-        logits = model.decode(decoder_input, hidden, mask)
+        logits = model.decode(model.t5.prepare_decoder_input_ids_from_labels(labels=labels), hidden, mask)
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0)
         total = ce if total is None else total + ce
     return (total / len(data)).numpy()
@@ -72,7 +71,8 @@ def main(argv: list[str]) -> None:
         data = SequenceBatches(examples, item_tokens, vocab)
         prior = sid_prior_cross_entropy(sids[train_targets], sids[[e.target for e in examples]])
         learnt = model_cross_entropy(model, data)
-        ranked = rank_examples(model, data, catalogue, beam_size=int(cfg.evaluate.beam_size), batch_size=128, top_k=10,
+        ranked = rank_examples(model, data, catalogue, beam_size=int(cfg.evaluate.beam_size),
+                               batch_size=int(cfg.evaluate.batch_size), top_k=10,
                                device=torch.device("cpu"))[0]
         seen = [set(history) | ({valid_target} if split == "test" else set())
                 for history, valid_target, _ in map(split_user, sequences)]
