@@ -58,8 +58,10 @@ def main() -> None:
         torch.manual_seed(seed)
         kwargs = model_kwargs(tiger_cfg, vocab)
         models[name] = Tiger(**{**kwargs, "rastp": RastpConfig(**{**kwargs["rastp"], "enabled": enabled})}).to(device)
-        optimizers[name] = make_optimizer(models[name], lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"],
-                                          warmup_steps=train_cfg["warmup_steps"], total_steps=args.steps)
+        optimizers[name] = make_optimizer(models[name], train_cfg["optimizer"], lr=train_cfg["lr"],
+                                          weight_decay=train_cfg["weight_decay"],
+                                          warmup_steps=train_cfg["warmup_steps"], total_steps=args.steps,
+                                          schedule=train_cfg["schedule"])
     print(f"[bench] {args.dataset}: {len(train)} training examples, {args.steps} steps of {train_cfg['batch_size']}, "
           f"{device}, {torch.get_num_threads()} threads, pruning of the `on` variant: {tiger_cfg['rastp']}", flush=True)
     for step in range(args.steps):

@@ -1,10 +1,11 @@
-"""How sequences become TIGER examples and token batches."""
+"""How sequences become TIGER examples and token batches, and how the optimizer steps."""
 
 import numpy as np
 import pytest
 import torch
 
-from rastp.training import PAD, SequenceBatches, SidVocabulary, make_examples
+from rastp.config import ConfigError
+from rastp.training import PAD, SequenceBatches, SidVocabulary, make_examples, make_optimizer
 
 
 def test_every_prefix_of_the_training_history_is_an_example():
@@ -36,3 +37,40 @@ def test_collate_pads_right_and_labels_are_the_target_sid():
     assert batch["attention_mask"].tolist() == [[True, True, False, False], [True] * 4]
     assert batch["labels"].tolist() == [item_tokens[1].tolist(), item_tokens[2].tolist()]
     assert torch.equal(batch["target"], torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("name, expected_steps", [("adafactor", (0.01, 0.0005)), ("adamw", (0.01, 0.01))])
+def test_adafactor_steps_are_relative_to_each_weight_and_adamw_steps_are_not(name, expected_steps):
+    # A gradient of constant magnitude: both optimizers' first update is lr x sign(gradient); Adafactor scales it by
+    # the weight's RMS (1 for T5's embeddings, 0.05 here for a projection), AdamW does not.
+    signs = torch.tensor([[1.0, -1.0, 1.0], [-1.0, -1.0, 1.0]])
+    weights = torch.nn.ParameterList([torch.nn.Parameter(torch.full((2, 3), rms)) for rms in (1.0, 0.05)])
+    before = [w.detach().clone() for w in weights]
+    optimizer, _ = make_optimizer(weights, name, lr=0.01, weight_decay=0.0, warmup_steps=0, total_steps=100)
+    sum(3.0 * (w * signs).sum() for w in weights).backward()
+    optimizer.step()
+    for w, start, step in zip(weights, before, expected_steps):
+        torch.testing.assert_close(w.detach(), start - step * signs)
+
+
+def test_learning_rate_warms_up_then_decays_or_stays_and_unknown_choices_are_refused():
+    def rates(schedule):
+        weights = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2))])
+        optimizer, scheduler = make_optimizer(weights, "adamw", lr=1.0, weight_decay=0.0, warmup_steps=10,
+                                              total_steps=110, schedule=schedule)
+        seen = []
+        for _ in range(110):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    cosine, constant = rates("cosine"), rates("constant")
+    assert cosine[:3] == pytest.approx([0.1, 0.2, 0.3]) and cosine[9] == pytest.approx(1.0)
+    assert cosine[60] == pytest.approx(0.55) and cosine[-1] == pytest.approx(0.1, abs=1e-3)
+    assert constant[:10] == cosine[:10] and constant[10:] == pytest.approx([1.0] * 100)
+    weights = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ConfigError, match="train.optimizer: 'sgd'"):
+        make_optimizer(weights, "sgd", lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=10)
+    with pytest.raises(ConfigError, match="train.schedule: 'linear'"):
+        make_optimizer(weights, "adamw", lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=10, schedule="linear")

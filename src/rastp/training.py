@@ -146,8 +146,8 @@ def model_kwargs(tiger_cfg: Mapping, vocab: SidVocabulary) -> dict:
 class TigerModule(L.LightningModule):
     """Next-SID cross-entropy training; validation = constrained beam search, Recall/NDCG@10."""
 
-    def __init__(self, model: dict, item_tokens: np.ndarray, *, lr: float, weight_decay: float,
-                 warmup_steps: int, val_beam_size: int):
+    def __init__(self, model: dict, item_tokens: np.ndarray, *, optimizer: str, lr: float, weight_decay: float,
+                 warmup_steps: int, schedule: str, val_beam_size: int):
         super().__init__()
         self.save_hyperparameters(ignore=["item_tokens"])
         self.model = Tiger(**{**model, "rastp": RastpConfig(**model["rastp"])})
@@ -168,25 +168,46 @@ class TigerModule(L.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=size, sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer, scheduler = make_optimizer(self.model, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                              warmup_steps=self.hparams.warmup_steps,
+        optimizer, scheduler = make_optimizer(self.model, self.hparams.optimizer, lr=self.hparams.lr,
+                                              weight_decay=self.hparams.weight_decay,
+                                              warmup_steps=self.hparams.warmup_steps, schedule=self.hparams.schedule,
                                               total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
-    """AdamW with a linear warm-up (at most a tenth of training), then cosine decay to 10% of `lr`."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay: float, warmup_steps: int,
+                   total_steps: int, schedule: str = "cosine"):
+    """Adafactor (T5's and TIGER's) or AdamW, and a linear warm-up of `lr` (at most a tenth of training), then either
+    a cosine decay to 10% of `lr` or a constant `lr`.
+
+    Adafactor's step is relative to each weight's RMS, at most min(lr, 1/sqrt(step)): with lr 0.01 and the constant
+    schedule that is TIGER's "0.01 for 10k steps, then inverse square-root decay". T5 initialises its (tied)
+    embeddings with std 1, so an absolute step such as AdamW's moves them, and with them the output logits, slowly.
+    """
+    if name == "adafactor":
+        optimizer = torch.optim.Adafactor(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ConfigError(f"train.optimizer: {name!r} is not one of {OPTIMIZERS}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule: {schedule!r} is not one of {SCHEDULES}")
     total = max(1, int(total_steps))
     warmup = max(1, min(warmup_steps, total // 10))
 
-    def schedule(step: int) -> float:
+    def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class ProgressLog(L.Callback):
@@ -240,8 +261,9 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     data = SequenceDataModule(sequences, item_tokens, vocab, max_history=int(tiger_cfg["max_history"]),
                               batch_size=int(train_cfg["batch_size"]), eval_batch_size=int(cfg["evaluate"]["batch_size"]),
                               num_workers=int(train_cfg["num_workers"]))
-    module = TigerModule(model_kwargs(tiger_cfg, vocab), item_tokens, lr=float(train_cfg["lr"]),
-                         weight_decay=float(train_cfg["weight_decay"]), warmup_steps=int(train_cfg["warmup_steps"]),
+    module = TigerModule(model_kwargs(tiger_cfg, vocab), item_tokens, optimizer=str(train_cfg["optimizer"]),
+                         lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
+                         warmup_steps=int(train_cfg["warmup_steps"]), schedule=str(train_cfg["schedule"]),
                          val_beam_size=int(train_cfg["val_beam_size"]))
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/ndcg@10", mode="max", save_top_k=1,
                                   filename="best")
