@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=128)
     ap.add_argument("--beam-size", type=int, default=20)
     ap.add_argument("--seed", type=int, default=None, help="default: params.yaml `seed`")
+    ap.add_argument("--dropout", type=float, default=0.1,
+                    help="every variant's dropout (default: the paper's TIGER; the packed-dropout comparison needs it)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a loaded machine)")
     ap.add_argument("--out", default="bench/results/tiger_speed.json")
     args = ap.parse_args()
@@ -165,6 +167,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     params = yaml.safe_load(open(args.params))
+    params["tiger"]["dropout"] = args.dropout
     seed = params["seed"] if args.seed is None else args.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(seed)
@@ -228,8 +231,8 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name}: {value}")
 
-    write_json(args.out, {"seed": seed, "device": str(device), "threads": torch.get_num_threads(),
-                          "machine": platform.machine(), "batch_size": args.batch_size,
+    write_json(args.out, {"seed": seed, "dropout": args.dropout, "device": str(device),
+                          "threads": torch.get_num_threads(), "machine": platform.machine(), "batch_size": args.batch_size,
                           "train_steps": args.train_steps, "rastp": rastp_cfg, "train": train,
                           "evaluation": evaluation, "peak_memory_mib": memory, "memory_unit": unit,
                           "ratios": ratios})

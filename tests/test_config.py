@@ -3,9 +3,14 @@
 from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from rastp import config
 from rastp.config import ConfigError
+from rastp.preset import preset_args
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +46,14 @@ def test_overrides_apply_and_send_outputs_to_a_run_folder(tmp_path, monkeypatch)
 def test_bad_arguments_are_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         config.load(argv)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda path: path.name)
+def test_presets_set_existing_params(preset):
+    """Every key of a preset is a params.yaml key and takes the preset's value (a misspelt key would be an error)."""
+    values = yaml.safe_load(preset.read_text())
+    overrides = [arg for arg in preset_args(preset)[1::2] if not arg.startswith("datasets=")]
+    cfg, _ = config.load([f"dataset={values['datasets'][0]}", *overrides])
+    assert len(overrides) == len(values) - 1 > 0
+    for key, value in values.items():
+        assert key == "datasets" or OmegaConf.select(cfg, key) == value, key

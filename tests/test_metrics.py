@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rastp.evaluation import popularity_ranking, ranking_metrics
+from rastp.evaluation import per_user_metrics, popularity_ranking, ranking_metrics, standard_errors
 
 
 def test_ranking_metrics_match_hand_computed_values():
@@ -21,6 +21,20 @@ def test_ranking_metrics_match_hand_computed_values():
     assert m["recall@10"].item() == pytest.approx(3 / 4)
     assert m["ndcg@5"].item() == pytest.approx((1 + 1 / math.log2(4)) / 4)
     assert m["ndcg@10"].item() == pytest.approx((1 + 1 / math.log2(7) + 1 / math.log2(4)) / 4)
+
+
+def test_standard_errors_match_hand_computed_values():
+    ranked = torch.tensor([[7, 3], [1, 2], [1, 2], [5, 4]])
+    per_user = per_user_metrics(ranked, torch.tensor([7, 2, 11, 8]), ks=(2,))
+    assert per_user["recall@2"].tolist() == [1, 1, 0, 0]
+    # recall: values 1, 1, 0, 0 -> sample std sqrt(1/3), over sqrt(4) users
+    assert standard_errors(per_user)["recall@2"] == pytest.approx(math.sqrt(1 / 3) / 2, abs=1e-6)
+    # ndcg: values 1, 1/log2(3), 0, 0
+    ndcg = [1, 1 / math.log2(3), 0, 0]
+    mean = sum(ndcg) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in ndcg) / 3)
+    assert standard_errors(per_user)["ndcg@2"] == pytest.approx(std / 2, abs=1e-6)
+    assert standard_errors(per_user_metrics(ranked[:1], torch.tensor([7]), ks=(2,))) == {"recall@2": None, "ndcg@2": None}
 
 
 def test_empty_slots_never_match_and_short_lists_are_rejected():

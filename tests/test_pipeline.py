@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 
@@ -47,6 +48,11 @@ def test_fresh_clone_repro_runs_every_stage_and_writes_metrics(built):
         assert 0 <= m["ndcg@5"] <= m["recall@5"] <= m["recall@10"] <= 1
         assert m["ndcg@5"] <= m["ndcg@10"] <= m["recall@10"]
     assert metrics["users"] == 30
+    errors = metrics["standard_error"]
+    assert set(errors) == {"tiger", "popularity", "tiger_minus_popularity"}
+    for model in ("tiger", "popularity"):  # a 0/1 mean's standard error is sqrt(p (1 - p) / (n - 1))
+        p = metrics[model]["recall@10"]
+        assert errors[model]["recall@10"] == pytest.approx(math.sqrt(p * (1 - p) / 29), abs=1e-5)
     codebook = json.loads((repo / "metrics/codebook/tiny.json").read_text())
     assert len(codebook["usage"]) == 2 and 0 < codebook["unique_fraction"] <= 1
     # training curves for `dvc plots`: one row per logged step

@@ -8,7 +8,8 @@ from rastp.report import markdown, runs_from_exp_show, seed_groups
 def entry(name, seed, lr, ndcg):
     return {"rev": name, "name": name, "data": {
         "params": {"params.yaml": {"data": {"seed": seed, "train": {"lr": lr}}}},
-        "metrics": {"metrics/ml100k.json": {"data": {"tiger": {"ndcg@10": ndcg}, "users": 943}},
+        "metrics": {"metrics/ml100k.json": {"data": {"tiger": {"ndcg@10": ndcg}, "users": 943,
+                                                             "standard_error": {"tiger": {"ndcg@10": 0.003}}}},
                     "metrics/codebook/ml100k.json": {"data": {"recon_mse": 0.1}}}}}
 
 
@@ -31,4 +32,4 @@ def test_runs_differing_only_in_seed_are_averaged():
     stat = seeds["metrics"]["ml100k/tiger.ndcg@10"]
     assert stat["mean"] == pytest.approx(0.03) and stat["std"] == pytest.approx(0.01) and stat["n"] == 3
     assert "| ml100k | tiger.ndcg@10 | 0.0300 ± 0.0100 | 3 |" in markdown(seeds)
-    assert "users" not in markdown(seeds)
+    assert "users" not in markdown(seeds) and "standard_error" not in markdown(seeds)

@@ -1,8 +1,10 @@
 """evaluate stage: constrained beam search on the test targets; Recall@K and NDCG@K against
-a most-popular baseline on the same leave-one-out split (one target per user, full catalogue)."""
+a most-popular baseline on the same leave-one-out split (one target per user, full catalogue),
+with the standard error of each mean."""
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -11,17 +13,28 @@ import torch
 from rastp.data import split_user
 
 
-def ranking_metrics(ranked: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[str, torch.Tensor]:
-    """Mean Recall@k and NDCG@k of ranked lists [B, >=k] (item ids, -1 = empty slot) for one target each."""
+def per_user_metrics(ranked: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[str, torch.Tensor]:
+    """Recall@k and NDCG@k [B] of each ranked list [B, >=k] (item ids, -1 = empty slot) for its one target."""
     hits = ranked == targets.to(ranked.device)[:, None]  # at most one hit per row: SIDs map to distinct items
     discount = 1.0 / torch.log2(torch.arange(ranked.shape[1], device=ranked.device, dtype=torch.float32) + 2)
     out = {}
     for k in ks:
         if k > ranked.shape[1]:
             raise ValueError(f"need lists of at least {k} items, got {ranked.shape[1]}")
-        out[f"recall@{k}"] = hits[:, :k].any(dim=1).float().mean()
-        out[f"ndcg@{k}"] = (hits[:, :k].float() * discount[:k]).sum(dim=1).mean()
+        out[f"recall@{k}"] = hits[:, :k].any(dim=1).float()
+        out[f"ndcg@{k}"] = (hits[:, :k].float() * discount[:k]).sum(dim=1)
     return out
+
+
+def ranking_metrics(ranked: torch.Tensor, targets: torch.Tensor, ks: Iterable[int]) -> dict[str, torch.Tensor]:
+    """Mean Recall@k and NDCG@k over the lists (see `per_user_metrics`)."""
+    return {name: values.mean() for name, values in per_user_metrics(ranked, targets, ks).items()}
+
+
+def standard_errors(per_user: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """The standard error of each metric's mean: sample standard deviation / sqrt(users) (None for one user)."""
+    return {name: round(float(values.std() / math.sqrt(len(values))), 6) if len(values) > 1 else None
+            for name, values in per_user.items()}
 
 
 def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: int) -> torch.Tensor:
@@ -64,11 +77,16 @@ def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndar
     catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
     ranked, targets, num_short = rank_examples(model, data, catalogue, beam_size=beam_size, batch_size=batch_size,
                                                top_k=max(ks), device=device)
-    popular = popularity_ranking(sequences, len(sids), max(ks)).expand(len(targets), -1)
-    as_floats = lambda metrics: {name: round(float(value), 6) for name, value in metrics.items()}  # noqa: E731
+    tiger = per_user_metrics(ranked, targets, ks)
+    popular = per_user_metrics(popularity_ranking(sequences, len(sids), max(ks)).expand(len(targets), -1), targets, ks)
+    means = lambda metrics: {name: round(float(values.mean()), 6) for name, values in metrics.items()}  # noqa: E731
     return {
-        "tiger": as_floats(ranking_metrics(ranked, targets, ks)),
-        "popularity": as_floats(ranking_metrics(popular, targets, ks)),
+        "tiger": means(tiger),
+        "popularity": means(popular),
+        # Both rank the same users' targets: the paired difference says whether TIGER beats popularity.
+        "standard_error": {"tiger": standard_errors(tiger), "popularity": standard_errors(popular),
+                           "tiger_minus_popularity": standard_errors({name: tiger[name] - popular[name]
+                                                                      for name in tiger})},
         "users": len(targets),
         "short_lists": num_short,
     }

@@ -87,7 +87,7 @@ def markdown(summary: dict) -> str:
              "| dataset | metric | mean ± std | n |", "|---|---|---|---|"]
     for key, stat in summary["metrics"].items():
         dataset, name = key.split("/", 1)
-        if name in ("users", "short_lists"):
+        if name in ("users", "short_lists") or name.startswith("standard_error."):  # spread over seeds instead
             continue
         lines.append(f"| {dataset} | {name} | {stat['mean']:.4f} ± {stat['std']:.4f} | {stat['n']} |")
     return "\n".join(lines)
