@@ -57,7 +57,7 @@ def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
     """`stock`: T5ForConditionalGeneration alone (torch's dropout); `tiger`: pruning off; `tiger_torch_dropout`: the
     same with torch's dropout instead of the packed one; `rastp`: pruning on (params' settings)."""
     sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
-                                          "dropout")}
+                                          "dropout", "tie_embeddings")}
     rastp = {**tiger_params["rastp"], "enabled": variant == "rastp"}
     torch.manual_seed(seed)
     model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp,

@@ -17,10 +17,10 @@ def make_catalogue(num_items, seed=0) -> SidCatalogue:
     return SidCatalogue(1 + CODES * torch.arange(LEVELS) + sids)
 
 
-def make_model(**rastp) -> Tiger:
+def make_model(tie_embeddings=False, **rastp) -> Tiger:
     torch.manual_seed(0)
     return Tiger(vocab_size=VOCAB, sid_length=LEVELS, num_layers=2, num_decoder_layers=2, d_model=32, num_heads=4,
-                 d_kv=8, d_ff=64, rastp=rastp)
+                 d_kv=8, d_ff=64, tie_embeddings=tie_embeddings, rastp=rastp)
 
 
 def make_histories(batch_size=6, length=10):
@@ -54,10 +54,10 @@ def test_catalogue_trie():
         SidCatalogue(torch.tensor([[1, 5, 9], [1, 5, 9]]))
 
 
-@pytest.mark.parametrize("rastp", [{}, {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
-def test_full_beam_is_exact(rastp):
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": True}, {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
+def test_full_beam_is_exact(options):
     catalogue = make_catalogue(40)
-    model = make_model(**rastp).train()
+    model = make_model(**options).train()
     input_ids, mask = make_histories()
     result = beam_search(model, input_ids, mask, catalogue, beam_size=len(catalogue), top_k=10)
     assert model.training  # mode restored

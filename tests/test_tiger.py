@@ -14,10 +14,11 @@ from rastp.tiger import (RastpConfig, Tiger, packed_dropout, sdpa_attention_pack
 VOCAB, SID_LENGTH = 60, 3
 
 
-def make_model(*, num_layers=3, dropout=0.0, seed=0, packed=True, **rastp) -> Tiger:
+def make_model(*, num_layers=3, dropout=0.0, seed=0, packed=True, tied=False, **rastp) -> Tiger:
     torch.manual_seed(seed)
     return Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, num_layers=num_layers, num_decoder_layers=2, d_model=32,
-                 num_heads=4, d_kv=8, d_ff=64, dropout=dropout, packed_dropout=packed, rastp=rastp)
+                 num_heads=4, d_kv=8, d_ff=64, dropout=dropout, tie_embeddings=tied, packed_dropout=packed,
+                 rastp=rastp)
 
 
 def make_batch(seed=1):
@@ -59,6 +60,23 @@ def test_config_validation():
         RastpConfig(keep_ratio=0.0)
     with pytest.raises(ValueError, match="prune_layer"):
         make_model(prune_layer=4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tie_embeddings_shares_or_separates_the_tables(tied):
+    model = make_model(tied=tied).train()
+    t5 = model.t5
+    tables = [t5.encoder.embed_tokens.weight, t5.decoder.embed_tokens.weight, t5.lm_head.weight]
+    assert len({id(table) for table in tables}) == (1 if tied else 3)
+    # Untied, each table starts as the tied one: std 1, logits scaled by d_model^-0.5.
+    assert all(abs(float(table.std()) - 1.0) < 0.1 for table in tables) and t5.config.scale_decoder_outputs
+    input_ids, mask, labels = make_batch()
+    model(input_ids, mask, labels).backward()
+    assert all(p.grad is not None for p in model.parameters())  # no table left unused (DDP needs that)
+    unseen = sorted(set(range(1, VOCAB)) - set(input_ids[mask.bool()].tolist()) - set(labels[:, :-1].flatten().tolist()))
+    # A token the encoder never reads and the decoder is never fed gets a gradient only through the output layer.
+    assert (t5.encoder.embed_tokens.weight.grad[unseen].abs().sum() > 0) == tied
+    assert t5.lm_head.weight.grad[unseen].abs().sum() > 0
 
 
 def test_encoder_without_pruning_equals_stock_t5_encoder():

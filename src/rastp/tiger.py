@@ -167,7 +167,8 @@ class Tiger(nn.Module):
 
     def __init__(self, *, vocab_size: int, sid_length: int, num_layers: int = 4, num_decoder_layers: int = 4,
                  d_model: int = 128, num_heads: int = 6, d_kv: int = 64, d_ff: int = 1024, dropout: float = 0.1,
-                 packed_dropout: bool = True, rastp: RastpConfig | Mapping | None = None):
+                 tie_embeddings: bool = False, packed_dropout: bool = True,
+                 rastp: RastpConfig | Mapping | None = None):
         super().__init__()
         self.sid_length = sid_length
         self.rastp = rastp if isinstance(rastp, RastpConfig) else RastpConfig(**(rastp or {}))
@@ -176,9 +177,15 @@ class Tiger(nn.Module):
         config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
                           num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
                           feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0, eos_token_id=None)
+        # Tied (T5 v1.0, transformers' default): one embedding table for the history's tokens, the decoder's input
+        # tokens and the output layer. Untied: three tables, each initialised as the tied one (std 1), with the same
+        # d_model^-0.5 logit scale. transformers 5 only unties when told after the config is built.
+        config.tie_word_embeddings = tie_embeddings
         if packed_dropout:  # the same dropout, with a cheaper mask on CPU (`packed_dropout`)
             config._attn_implementation = PACKED_DROPOUT_ATTENTION
         self.t5 = T5ForConditionalGeneration(config)
+        if not tie_embeddings:  # untied, `shared` would be left unused (DDP needs every parameter used)
+            self.t5.encoder.embed_tokens = self.t5.shared
         if packed_dropout:
             for module in list(self.t5.modules()):
                 for name, child in module.named_children():
@@ -289,6 +296,6 @@ class Tiger(nn.Module):
             hidden_states = hidden_states + layer.dropout(attention.o(attended.transpose(1, 2).reshape(rows, 1, -1)))
             hidden_states = block.layer[-1](hidden_states)
         hidden_states = decoder.dropout(decoder.final_layer_norm(hidden_states))
-        if self.t5.config.scale_decoder_outputs:  # as T5ForConditionalGeneration (tied input/output embeddings)
+        if self.t5.config.scale_decoder_outputs:  # as T5ForConditionalGeneration (T5's d_model^-0.5)
             hidden_states = hidden_states * self.t5.config.d_model**-0.5
         return self.t5.lm_head(hidden_states[:, -1])
