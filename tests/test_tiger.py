@@ -14,7 +14,7 @@ from rastp.tiger import (RastpConfig, Tiger, packed_dropout, sdpa_attention_pack
 VOCAB, SID_LENGTH = 60, 3
 
 
-def make_model(*, num_layers=3, dropout=0.0, seed=0, packed=True, tied=False, **rastp) -> Tiger:
+def make_model(*, num_layers=3, dropout=0.0, seed=0, packed=True, tied=True, **rastp) -> Tiger:
     torch.manual_seed(seed)
     return Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, num_layers=num_layers, num_decoder_layers=2, d_model=32,
                  num_heads=4, d_kv=8, d_ff=64, dropout=dropout, tie_embeddings=tied, packed_dropout=packed,

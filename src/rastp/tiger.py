@@ -167,7 +167,7 @@ class Tiger(nn.Module):
 
     def __init__(self, *, vocab_size: int, sid_length: int, num_layers: int = 4, num_decoder_layers: int = 4,
                  d_model: int = 128, num_heads: int = 6, d_kv: int = 64, d_ff: int = 1024, dropout: float = 0.1,
-                 tie_embeddings: bool = False, packed_dropout: bool = True,
+                 tie_embeddings: bool = True, packed_dropout: bool = True,
                  rastp: RastpConfig | Mapping | None = None):
         super().__init__()
         self.sid_length = sid_length
