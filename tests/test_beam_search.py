@@ -54,7 +54,8 @@ def test_catalogue_trie():
         SidCatalogue(torch.tensor([[1, 5, 9], [1, 5, 9]]))
 
 
-@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False}, {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False},
+                                     {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
 def test_full_beam_is_exact(options):
     catalogue = make_catalogue(40)
     model = make_model(**options).train()

@@ -186,8 +186,8 @@ def make_optimizer(model: torch.nn.Module, name: str, *, lr: float, weight_decay
     a cosine decay to 10% of `lr` or a constant `lr`.
 
     Adafactor's step is relative to each weight's RMS, at most min(lr, 1/sqrt(step)): with lr 0.01 and the constant
-    schedule that is TIGER's "0.01 for 10k steps, then inverse square-root decay". T5 initialises its
-    embeddings and output layer with std 1, so an absolute step such as AdamW's moves them, and with them the output logits, slowly.
+    schedule that is TIGER's "0.01 for 10k steps, then inverse square-root decay". T5 initialises its embeddings
+    and output layer with std 1, so an absolute step such as AdamW's moves them, and with them the logits, slowly.
     """
     if name == "adafactor":
         optimizer = torch.optim.Adafactor(model.parameters(), lr=lr, weight_decay=weight_decay)
