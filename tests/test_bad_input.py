@@ -84,3 +84,10 @@ def test_collision_group_too_large(repo, monkeypatch, capsys):
     err = run_stage("sids", "dataset=tiny", monkeypatch=monkeypatch, capsys=capsys)
     assert "9 items share the codes [1, 2]" in err and "sids.dedup_size=8" in err
     assert not (repo / "data/sids").exists() and not (repo / "metrics").exists()
+
+
+def test_param_of_the_wrong_type(repo, monkeypatch, capsys):
+    write_tiny_movielens(repo / "data/raw/tiny")
+    err = run_stage("prepare", "dataset=tiny", "tiger.rastp.enabled=maybe", monkeypatch=monkeypatch, capsys=capsys)
+    assert "tiger.rastp.enabled: Value 'maybe' is not a valid bool" in err
+    assert not (repo / "runs").exists() and not (repo / "data/prepared").exists()

