@@ -27,7 +27,7 @@ from rastp.data import load_prepared
 from rastp.evaluation import rank_examples, ranking_metrics
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
-from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs
+from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs, next_sid_loss
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
     loader = DataLoader(train, batch_size=train_cfg["batch_size"], shuffle=True, collate_fn=train.collate,
                         generator=torch.Generator().manual_seed(seed))
     batches = iter(loader)
+    catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
 
     variants = {"off": False, "on": True}
     models, optimizers, seconds = {}, {}, dict.fromkeys(variants, 0.0)
@@ -75,7 +76,7 @@ def main() -> None:
             optimizer, scheduler = optimizers[name]
             model.train()
             start = time.perf_counter()
-            loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss = next_sid_loss(model, batch, catalogue)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -91,7 +92,6 @@ def main() -> None:
         picked = np.random.default_rng(seed).choice(len(test), args.eval_users, replace=False)
         test = [test[i] for i in sorted(picked)]
     test_data = SequenceBatches(test, item_tokens, vocab)
-    catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
     quality = {}
     for name, model in models.items():
         ranked, targets, _ = rank_examples(model, test_data, catalogue, beam_size=params["evaluate"]["beam_size"],

@@ -43,14 +43,17 @@ def sid_prior_cross_entropy(train_sids: np.ndarray, eval_sids: np.ndarray) -> np
 
 
 @torch.no_grad()
-def model_cross_entropy(model, data: SequenceBatches, batch_size: int = 256) -> np.ndarray:
-    """Per level, the model's mean teacher-forced cross-entropy of the examples' target SIDs."""
+def model_cross_entropy(model, data: SequenceBatches, catalogue: SidCatalogue, batch_size: int = 256) -> np.ndarray:
+    """Per level, the model's mean teacher-forced cross-entropy of the examples' target SIDs (with its softmax: over
+    the vocabulary, or with `catalogue_softmax` over the catalogue's continuations of the prefix)."""
     total = None
     for start in range(0, len(data), batch_size):
         batch = data.collate(data.examples[start:start + batch_size])
         hidden, mask = model.encode(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
         logits = model.decode(model.t5.prepare_decoder_input_ids_from_labels(labels=labels), hidden, mask)
+        if model.catalogue_softmax:
+            logits = logits.masked_fill(~catalogue.allowed_tokens(labels, logits.shape[-1]), float("-inf"))
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0)
         total = ce if total is None else total + ce
     return (total / len(data)).numpy()
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> None:
         examples = make_examples(sequences, split, max_history)
         data = SequenceBatches(examples, item_tokens, vocab)
         prior = sid_prior_cross_entropy(sids[train_targets], sids[[e.target for e in examples]])
-        learnt = model_cross_entropy(model, data)
+        learnt = model_cross_entropy(model, data, catalogue)
         ranked = rank_examples(model, data, catalogue, beam_size=int(cfg.evaluate.beam_size),
                                batch_size=int(cfg.evaluate.batch_size), top_k=10,
                                device=torch.device("cpu"))[0]

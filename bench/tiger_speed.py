@@ -55,7 +55,8 @@ def synthetic_batch(sid_tokens: torch.Tensor, batch_size: int, generator: torch.
 
 def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
     """`stock`: T5ForConditionalGeneration alone (torch's dropout); `tiger`: pruning off; `tiger_torch_dropout`: the
-    same with torch's dropout instead of the packed one; `rastp`: pruning on (params' settings)."""
+    same with torch's dropout instead of the packed one; `rastp`: pruning on (params' settings). Every variant scores
+    with the vocabulary softmax, the one `generate` has."""
     sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
                                           "dropout", "tie_embeddings")}
     rastp = {**tiger_params["rastp"], "enabled": variant == "rastp"}

@@ -17,10 +17,21 @@ def make_catalogue(num_items, seed=0) -> SidCatalogue:
     return SidCatalogue(1 + CODES * torch.arange(LEVELS) + sids)
 
 
-def make_model(tie_embeddings=True, **rastp) -> Tiger:
+def make_model(tie_embeddings=True, catalogue_softmax=False, **rastp) -> Tiger:
     torch.manual_seed(0)
     return Tiger(vocab_size=VOCAB, sid_length=LEVELS, num_layers=2, num_decoder_layers=2, d_model=32, num_heads=4,
-                 d_kv=8, d_ff=64, tie_embeddings=tie_embeddings, rastp=rastp)
+                 d_kv=8, d_ff=64, tie_embeddings=tie_embeddings, catalogue_softmax=catalogue_softmax, rastp=rastp)
+
+
+def allowed_by_brute_force(sids: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
+    """[B, S, V]: the tokens that some catalogue SID has at position l after the label's first l tokens."""
+    allowed = torch.zeros(len(labels), LEVELS, VOCAB, dtype=torch.bool)
+    for row, label in enumerate(labels):
+        for level in range(LEVELS):
+            for sid in sids:
+                if sid[:level] == label[:level]:
+                    allowed[row, level, sid[level]] = True
+    return allowed
 
 
 def make_histories(batch_size=6, length=10):
@@ -40,6 +51,9 @@ def exhaustive_scores(model, input_ids, mask, catalogue) -> torch.Tensor:
     decoder_input_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
     logits = model.decode(decoder_input_ids, hidden.repeat_interleave(num_items, 0),
                              hidden_mask.repeat_interleave(num_items, 0))
+    if model.catalogue_softmax:  # each token's softmax over the catalogue's continuations of its prefix
+        logits = logits.masked_fill(~allowed_by_brute_force(catalogue.sid_tokens.tolist(), labels.tolist()),
+                                    float("-inf"))
     token_scores = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
     return token_scores.sum(-1).view(batch_size, num_items)
 
@@ -54,7 +68,7 @@ def test_catalogue_trie():
         SidCatalogue(torch.tensor([[1, 5, 9], [1, 5, 9]]))
 
 
-@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False},
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False}, {"catalogue_softmax": True},
                                      {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
 def test_full_beam_is_exact(options):
     catalogue = make_catalogue(40)
@@ -91,3 +105,34 @@ def test_short_lists_are_counted():
         assert (result.items[:, :found] >= 0).all() and (result.items[:, found:] == -1).all()
         assert torch.isfinite(result.scores[:, :found]).all() and (result.scores[:, found:] == float("-inf")).all()
     assert beam_search(model, input_ids, mask, catalogue, beam_size=8, top_k=3).num_short == 0
+
+
+def test_allowed_tokens_are_the_tries_children():
+    catalogue = make_catalogue(40)
+    labels = catalogue.sid_tokens[torch.tensor([0, 7, 7, 39])]
+    expected = allowed_by_brute_force(catalogue.sid_tokens.tolist(), labels.tolist())
+    assert torch.equal(catalogue.allowed_tokens(labels, VOCAB), expected)
+    assert expected[:, 0].sum(1).tolist() == [CODES] * 4  # 40 of 64 SIDs use every first-level code
+    assert (expected.sum(-1) < CODES).any()  # and some prefixes do not have every child
+    missing = next(sid for sid in itertools.product(range(CODES), repeat=LEVELS)
+                   if list(1 + CODES * torch.arange(LEVELS) + torch.tensor(sid)) not in catalogue.sid_tokens.tolist())
+    with pytest.raises(ValueError, match="not a catalogue SID"):
+        catalogue.allowed_tokens((1 + CODES * torch.arange(LEVELS) + torch.tensor(missing))[None], VOCAB)
+
+
+def test_catalogue_softmax_is_a_distribution_over_the_catalogue():
+    """Its SID scores sum to 1 over the catalogue's items (a vocabulary softmax leaves mass on other tokens), and its
+    training loss is the mean of the same per-token log-probabilities."""
+    catalogue = make_catalogue(40)
+    input_ids, mask = make_histories()
+    for catalogue_softmax in (False, True):
+        model = make_model(catalogue_softmax=catalogue_softmax)
+        total = exhaustive_scores(model, input_ids, mask, catalogue).logsumexp(dim=1)
+        assert torch.allclose(total, torch.zeros(len(total)), atol=1e-5) == catalogue_softmax
+    labels = catalogue.sid_tokens[torch.arange(len(input_ids)) * 5]
+    loss = model(input_ids, mask, labels, catalogue.allowed_tokens(labels, VOCAB))
+    scores = exhaustive_scores(model, input_ids, mask, catalogue)  # eval mode, as the loss above (no dropout)
+    rows = torch.arange(len(input_ids))
+    torch.testing.assert_close(loss, -scores[rows, rows * 5].mean() / LEVELS)
+    with pytest.raises(ValueError, match="allowed_tokens must be given"):
+        model(input_ids, mask, labels)

@@ -7,8 +7,10 @@ come out. The trie is stored level by level as dense tensors (no Python loop ove
     children[l]      LongTensor [P_l, C_l]      the child of prefix node p through token level_tokens[l][c]: a prefix
                                                 node of level l+1, or at the last level the item index; -1: no child
 
-A SID's score is its true log-probability under the model: log-softmax over the full vocabulary, then restricted to
-the trie. With beam_size >= the number of items no prefix is ever dropped, so the search is exact.
+A SID's score is its log-probability under the model, the sum of its tokens' log-probabilities: each token's softmax is
+over the whole vocabulary (stock T5), or with `Tiger.catalogue_softmax` over the trie's children of its prefix only
+(then the scores are a distribution over the catalogue's items). With beam_size >= the number of items no prefix is
+ever dropped, so the search is exact.
 
 Cost: the history is encoded once, the decoder's cross-attention keys/values are projected once per history (not per
 beam, see `Tiger.beam_step`), each step feeds one token per beam with a self-attention KV cache, and the first step
@@ -53,6 +55,19 @@ class SidCatalogue:
 
     def __len__(self) -> int:
         return len(self.sid_tokens)
+
+    def allowed_tokens(self, sids: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+        """[B, S, V] bool: at position l, the tokens that follow sids[:, :l] in some catalogue SID (the trie's
+        children of that prefix). Every row of `sids` [B, S] must be a catalogue SID."""
+        allowed = torch.zeros((*sids.shape, vocab_size), dtype=torch.bool, device=sids.device)
+        node = torch.zeros(len(sids), dtype=torch.long, device=sids.device)
+        for level, (tokens, children) in enumerate(zip(self.level_tokens, self.children)):
+            allowed[:, level, tokens] = children[node] >= 0
+            column = torch.searchsorted(tokens, sids[:, level].contiguous()).clamp(max=len(tokens) - 1)
+            node = children[node, column]
+            if ((tokens[column] != sids[:, level]) | (node < 0)).any():
+                raise ValueError("allowed_tokens: a row of sids is not a catalogue SID")
+        return allowed
 
     @property
     def device(self) -> torch.device:
@@ -110,14 +125,18 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
     first_beam = torch.arange(batch_size, device=input_ids.device)[:, None] * width
     levels = len(catalogue.children)
     for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
-        # The true log-probability: softmax over the whole vocabulary, then restricted to the level's tokens.
-        log_probs = model.beam_step(tokens, cache, cross_keys_values, mask).float().log_softmax(dim=-1)[:, level_tokens]
+        logits = model.beam_step(tokens, cache, cross_keys_values, mask).float()
+        if not model.catalogue_softmax:  # softmax over the whole vocabulary, then restricted to the level's tokens
+            logits = logits.log_softmax(dim=-1)
+        logits = logits[:, level_tokens]
         if level == 0:  # the empty prefix is decoded once per history, then copied to each of its beams
-            log_probs = log_probs.repeat_interleave(width, dim=0)
+            logits = logits.repeat_interleave(width, dim=0)
             cache.batch_repeat_interleave(width)
-        log_probs = log_probs.view(batch_size, width, -1)
         child = children[node.clamp(min=0)]  # [B, W, C_l]; dead beams (node -1) have score -inf anyway
-        total = (scores[..., None] + log_probs).masked_fill(child < 0, float("-inf")).flatten(1)
+        log_probs = logits.view(batch_size, width, -1).masked_fill(child < 0, float("-inf"))
+        if model.catalogue_softmax:  # softmax over the prefix's children only
+            log_probs = log_probs.log_softmax(dim=-1)
+        total = (scores[..., None] + log_probs).flatten(1)
         scores, best = total.topk(width, dim=1)
         node = child.flatten(1).gather(1, best)
         tokens = level_tokens[best % len(level_tokens)].view(-1, 1)

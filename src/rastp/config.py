@@ -153,6 +153,7 @@ class TigerParams:
     dropout: float = MISSING
     tie_embeddings: bool = MISSING
     packed_dropout: bool = MISSING
+    catalogue_softmax: bool = MISSING
     rastp: RastpParams = MISSING
 
 

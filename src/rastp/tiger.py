@@ -167,10 +167,13 @@ class Tiger(nn.Module):
 
     def __init__(self, *, vocab_size: int, sid_length: int, num_layers: int = 4, num_decoder_layers: int = 4,
                  d_model: int = 128, num_heads: int = 6, d_kv: int = 64, d_ff: int = 1024, dropout: float = 0.1,
-                 tie_embeddings: bool = True, packed_dropout: bool = True,
+                 tie_embeddings: bool = True, packed_dropout: bool = True, catalogue_softmax: bool = False,
                  rastp: RastpConfig | Mapping | None = None):
         super().__init__()
         self.sid_length = sid_length
+        # Each SID token's softmax over the tokens the catalogue allows after its prefix (training and beam search)
+        # rather than over the whole vocabulary: p(item | history) is then a distribution over the catalogue.
+        self.catalogue_softmax = catalogue_softmax
         self.rastp = rastp if isinstance(rastp, RastpConfig) else RastpConfig(**(rastp or {}))
         if not 1 <= self.rastp.prune_layer <= num_layers:
             raise ValueError(f"tiger.rastp.prune_layer: {self.rastp.prune_layer} is not in 1..{num_layers}")
@@ -246,11 +249,21 @@ class Tiger(nn.Module):
             max_distance=attention.relative_attention_max_distance)
         return attention.relative_attention_bias(buckets).permute(0, 3, 1, 2)
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
-                labels: torch.LongTensor) -> torch.Tensor:
-        """Mean token cross-entropy of `labels` [B, S]; the decoder reads them shifted right after start token 0."""
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, labels: torch.LongTensor,
+                allowed_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean token cross-entropy of `labels` [B, S]; the decoder reads them shifted right after start token 0.
+
+        With `catalogue_softmax`, `allowed_tokens` [B, S, V] (`SidCatalogue.allowed_tokens(labels)`) says which tokens
+        each position's softmax is over.
+        """
+        if self.catalogue_softmax != (allowed_tokens is not None):
+            raise ValueError("allowed_tokens must be given exactly when the model has catalogue_softmax")
         hidden_states, attention_mask = self.encode(input_ids, attention_mask)
-        return self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels).loss
+        out = self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels)
+        if allowed_tokens is None:
+            return out.loss
+        logits = out.logits.masked_fill(~allowed_tokens, float("-inf"))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
     def decode(self, decoder_input_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor,
                encoder_attention_mask: torch.Tensor) -> torch.Tensor:

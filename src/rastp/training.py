@@ -139,9 +139,16 @@ class SequenceDataModule(L.LightningDataModule):
 def model_kwargs(tiger_cfg: Mapping, vocab: SidVocabulary) -> dict:
     """Tiger constructor arguments from the `tiger` params."""
     keys = ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff", "dropout", "tie_embeddings",
-            "packed_dropout")
+            "packed_dropout", "catalogue_softmax")
     return {"vocab_size": vocab.size, "sid_length": vocab.sid_length, **{k: tiger_cfg[k] for k in keys},
             "rastp": dict(tiger_cfg["rastp"])}
+
+
+def next_sid_loss(model: Tiger, batch: dict, catalogue: SidCatalogue) -> torch.Tensor:
+    """The mean token cross-entropy of a batch's target SIDs; with `catalogue_softmax` each token's softmax is over
+    the catalogue's continuations of its prefix."""
+    allowed = catalogue.allowed_tokens(batch["labels"], model.t5.config.vocab_size) if model.catalogue_softmax else None
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], allowed)
 
 
 class TigerModule(L.LightningModule):
@@ -155,14 +162,14 @@ class TigerModule(L.LightningModule):
         self.catalogue = SidCatalogue(torch.from_numpy(item_tokens))
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = next_sid_loss(self.model, batch, self.catalogue.to(self.device))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
         size = len(batch["target"])
-        self.log("val/loss", self.model(batch["input_ids"], batch["attention_mask"], batch["labels"]),
-                 batch_size=size, sync_dist=True)
+        self.log("val/loss", next_sid_loss(self.model, batch, self.catalogue.to(self.device)), batch_size=size,
+                 sync_dist=True)
         found = beam_search(self.model, batch["input_ids"], batch["attention_mask"], self.catalogue.to(self.device),
                             beam_size=self.hparams.val_beam_size, top_k=10)
         for name, value in ranking_metrics(found.items, batch["target"], ks=(10,)).items():
