@@ -7,7 +7,8 @@ so the later encoder blocks and the decoder's cross-attention run on a shorter s
 
 The model is a stock `transformers.T5ForConditionalGeneration` (`Tiger.t5`): its weights, decoder and `generate`
 are the stock ones. Only the encoder is run by our own loop over `t5.encoder.block`, because pruning happens between
-two of its blocks. With pruning off, `Tiger.encode` equals `t5.encoder` exactly.
+two of its blocks. With pruning off, `Tiger.encode` equals `t5.encoder` exactly. With `catalogue_softmax` the loss
+takes each SID token's softmax over the tokens the catalogue allows after its prefix (and the beam search scores alike).
 """
 
 from __future__ import annotations
