@@ -125,15 +125,16 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
     first_beam = torch.arange(batch_size, device=input_ids.device)[:, None] * width
     levels = len(catalogue.children)
     for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
-        logits = model.beam_step(tokens, cache, cross_keys_values, mask).float()
-        if not model.catalogue_softmax:  # softmax over the whole vocabulary, then restricted to the level's tokens
-            logits = logits.log_softmax(dim=-1)
-        logits = logits[:, level_tokens]
+        # The level's tokens: log-probabilities of the vocabulary softmax, or logits still to be normalised below.
+        token_scores = model.beam_step(tokens, cache, cross_keys_values, mask).float()
+        if not model.catalogue_softmax:
+            token_scores = token_scores.log_softmax(dim=-1)
+        token_scores = token_scores[:, level_tokens]
         if level == 0:  # the empty prefix is decoded once per history, then copied to each of its beams
-            logits = logits.repeat_interleave(width, dim=0)
+            token_scores = token_scores.repeat_interleave(width, dim=0)
             cache.batch_repeat_interleave(width)
         child = children[node.clamp(min=0)]  # [B, W, C_l]; dead beams (node -1) have score -inf anyway
-        log_probs = logits.view(batch_size, width, -1).masked_fill(child < 0, float("-inf"))
+        log_probs = token_scores.view(batch_size, width, -1).masked_fill(child < 0, float("-inf"))
         if model.catalogue_softmax:  # softmax over the prefix's children only
             log_probs = log_probs.log_softmax(dim=-1)
         total = (scores[..., None] + log_probs).flatten(1)
