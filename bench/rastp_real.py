@@ -1,12 +1,14 @@
 """RASTP on real data: training speed and test quality, pruning off vs on, side by side (not a test).
 
-    python bench/rastp_real.py --dataset beauty --steps 300 [--eval-users 3000]
+    python bench/rastp_real.py dataset=beauty train.max_steps=3000 [other overrides] [--eval-users 3000]
 
-Needs the dataset's pipeline outputs up to `sids` (e.g. `dvc repro sids@beauty` with beauty in
-`datasets`). Both models start from the same weights (same seed), see the same batches in the
-same order with the same optimizer and schedule (params.yaml `train`), and their steps are
-interleaved one by one so that machine load hits both alike. Then both are scored on the same
-test users with the same beam search. Prints a table and writes bench/results/rastp_<dataset>.json.
+Takes the stage scripts' arguments: `dataset=<name>` and dotted overrides of params.yaml (the steps are
+`train.max_steps`; `tiger.rastp.*` shapes the `on` variant). Needs the dataset's pipeline outputs up to `sids`
+(`dvc repro sids@beauty` with beauty in `datasets`, or the hand runs of codebook and sids with the same overrides).
+Both models start from the same weights (same seed), see the same batches in the same order with the same optimizer
+and schedule (params `train`), and their steps are interleaved one by one so that machine load hits both alike. Then
+both are scored on the same test users with the same beam search. Prints a table and writes
+bench/results/rastp_<dataset>[_<hand-run hash>].json.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
+from rastp import config
 from rastp.beam_search import SidCatalogue
+from rastp.cli import run_stage
 from rastp.data import load_prepared
 from rastp.evaluation import rank_examples, ranking_metrics
 from rastp.io import write_json
@@ -30,20 +32,20 @@ from rastp.tiger import RastpConfig, Tiger
 from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs, next_sid_loss
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="beauty")
-    ap.add_argument("--steps", type=int, default=300, help="training steps per variant")
     ap.add_argument("--eval-users", type=int, default=3000, help="test users scored (a fixed random subset; 0: all)")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    params = yaml.safe_load(open(args.params))
+    args, stage_args = ap.parse_known_args(argv)
+    cfg, paths = config.load(stage_args)
+    params = config.to_dict(cfg)
     seed, tiger_cfg, train_cfg = params["seed"], params["tiger"], params["train"]
+    steps = train_cfg["max_steps"]
+    if steps <= 0:
+        raise config.ConfigError("bench/rastp_real.py needs train.max_steps > 0 (the steps of each variant)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    sequences = load_prepared(Path("data/prepared") / args.dataset).sequences
-    sid_dir = Path("data/sids") / args.dataset
+    sequences = load_prepared(paths.prepared()).sequences
+    sid_dir = paths.sids()
     vocab = SidVocabulary(tuple(json.loads((sid_dir / "levels.json").read_text())["level_sizes"]),
                           int(tiger_cfg["user_buckets"]))
     item_tokens = vocab.item_tokens(np.load(sid_dir / "sids.npy"))
@@ -61,11 +63,11 @@ def main() -> None:
         models[name] = Tiger(**{**kwargs, "rastp": RastpConfig(**{**kwargs["rastp"], "enabled": enabled})}).to(device)
         optimizers[name] = make_optimizer(models[name], train_cfg["optimizer"], lr=train_cfg["lr"],
                                           weight_decay=train_cfg["weight_decay"],
-                                          warmup_steps=train_cfg["warmup_steps"], total_steps=args.steps,
+                                          warmup_steps=train_cfg["warmup_steps"], total_steps=steps,
                                           schedule=train_cfg["schedule"])
-    print(f"[bench] {args.dataset}: {len(train)} training examples, {args.steps} steps of {train_cfg['batch_size']}, "
+    print(f"[bench] {paths.dataset}: {len(train)} training examples, {steps} steps of {train_cfg['batch_size']}, "
           f"{device}, {torch.get_num_threads()} threads, pruning of the `on` variant: {tiger_cfg['rastp']}", flush=True)
-    for step in range(args.steps):
+    for step in range(steps):
         try:
             batch = next(batches)
         except StopIteration:
@@ -98,9 +100,10 @@ def main() -> None:
                                            batch_size=params["evaluate"]["batch_size"], top_k=10, device=device)
         quality[name] = {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
 
-    examples = args.steps * train_cfg["batch_size"]
+    examples = steps * train_cfg["batch_size"]
     result = {
-        "dataset": args.dataset, "steps": args.steps, "batch_size": train_cfg["batch_size"], "eval_users": len(test),
+        "args": stage_args, "dataset": paths.dataset, "steps": steps, "batch_size": train_cfg["batch_size"],
+        "eval_users": len(test),
         "device": str(device), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "rastp_on": {**tiger_cfg["rastp"], "enabled": True},  # the `on` variant; `off` is the same model unpruned
         "train_seconds": {n: round(s, 1) for n, s in seconds.items()},
@@ -108,7 +111,8 @@ def main() -> None:
         "speedup": round(seconds["off"] / seconds["on"], 3),
         "test": quality,
     }
-    write_json(args.out or f"bench/results/rastp_{args.dataset}.json", result)
+    suffix = f"_{paths.run_dir.name.split('-')[-1]}" if paths.run_dir else ""
+    write_json(f"bench/results/rastp_{paths.dataset}{suffix}.json", result)
     print("\n| pruning | train s | examples/s | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|---|---|")
     for name in variants:
         q = quality[name]
@@ -118,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
