@@ -111,8 +111,7 @@ def main(argv: list[str]) -> None:
         "speedup": round(seconds["off"] / seconds["on"], 3),
         "test": quality,
     }
-    suffix = f"_{paths.run_dir.name.split('-')[-1]}" if paths.run_dir else ""
-    write_json(f"bench/results/rastp_{paths.dataset}{suffix}.json", result)
+    write_json(f"bench/results/rastp_{paths.result_name()}.json", result)
     print("\n| pruning | train s | examples/s | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|---|---|")
     for name in variants:
         q = quality[name]

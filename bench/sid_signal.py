@@ -85,8 +85,7 @@ def main(argv: list[str]) -> None:
                           "top10_already_seen": round(seen_share, 3)}
         print(f"{paths.dataset} {split}: per-level cross-entropy (nats), model {as_list(learnt)} vs SID prior "
               f"{as_list(prior)}; top-10 already in the history: {seen_share:.1%}")
-    name = paths.dataset + (f"_{paths.run_dir.name.split('-')[-1]}" if paths.run_dir else "")
-    write_json(Path("bench/results") / f"sid_signal_{name}.json", {"args": argv, **results})
+    write_json(Path("bench/results") / f"sid_signal_{paths.result_name()}.json", {"args": argv, **results})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def test_dvc_run_writes_dvc_paths():
     assert paths.model(write=True) == Path("data/models/ml100k")
     assert paths.metrics() == Path("metrics/ml100k.json")
     assert paths.metrics("codebook") == Path("metrics/codebook/ml100k.json")
+    assert paths.result_name() == "ml100k"
 
 
 def test_overrides_apply_and_send_outputs_to_a_run_folder(tmp_path, monkeypatch):
@@ -35,6 +36,7 @@ def test_overrides_apply_and_send_outputs_to_a_run_folder(tmp_path, monkeypatch)
     assert paths.prepared() == Path("data/prepared/ml100k")
     _, same = config.load(["dataset=ml100k", "tiger.rastp.enabled=true", "train.lr=0.002"])
     assert same.run_dir == paths.run_dir  # the folder depends on the overrides, not their order
+    assert paths.result_name() == "ml100k_" + paths.run_dir.name.removeprefix("ml100k-")
 
 
 @pytest.mark.parametrize("argv, message", [

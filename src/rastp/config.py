@@ -64,6 +64,10 @@ class Paths:
     def model(self, *, write: bool = False) -> Path:
         return (self._out if write else self._in)(f"data/models/{self.dataset}")
 
+    def result_name(self) -> str:
+        """`<dataset>`, or `<dataset>_<hash of the overrides>` for a hand run: how a bench names its result file."""
+        return self.dataset + (f"_{self.run_dir.name.split('-')[-1]}" if self.run_dir is not None else "")
+
     def metrics(self, name: str | None = None) -> Path:
         """metrics/<dataset>.json, or metrics/<name>/<dataset>.json for a stage's own report."""
         rel = f"metrics/{self.dataset}.json" if name is None else f"metrics/{name}/{self.dataset}.json"
