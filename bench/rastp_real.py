@@ -7,13 +7,15 @@ Takes the stage scripts' arguments: `dataset=<name>` and dotted overrides of par
 (`dvc repro sids@beauty` with beauty in `datasets`, or the hand runs of codebook and sids with the same overrides).
 Both models start from the same weights (same seed), see the same batches in the same order with the same optimizer
 and schedule (params `train`), and their steps are interleaved one by one so that machine load hits both alike. Then
-both are scored on the same test users with the same beam search. Prints a table and writes
+both are scored on the same test users with the same beam search; the pruned model also with the other
+`tiger.rastp.at_eval` (pruning at test time or not). Prints a table and writes
 bench/results/rastp_<dataset>[_<hand-run hash>].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -94,16 +96,22 @@ def main(argv: list[str]) -> None:
         picked = np.random.default_rng(seed).choice(len(test), args.eval_users, replace=False)
         test = [test[i] for i in sorted(picked)]
     test_data = SequenceBatches(test, item_tokens, vocab)
+    # The pruned model is also scored with the other `at_eval`: does pruning at test time match its training?
+    at_eval = bool(tiger_cfg["rastp"]["at_eval"])
+    scored = {"off": ("off", at_eval), "on": ("on", at_eval), f"on_at_eval_{str(not at_eval).lower()}": ("on", not at_eval)}
     quality = {}
-    for name, model in models.items():
+    for key, (name, prune_at_test) in scored.items():
+        model = models[name]
+        model.rastp = dataclasses.replace(model.rastp, at_eval=prune_at_test)
         ranked, targets, _ = rank_examples(model, test_data, catalogue, beam_size=params["evaluate"]["beam_size"],
-                                           batch_size=params["evaluate"]["batch_size"], top_k=10, device=device)
-        quality[name] = {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
+                                           batch_size=params["evaluate"]["batch_size"], top_k=10,
+                                           exclude_seen=params["evaluate"]["exclude_seen"], device=device)
+        quality[key] = {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
 
     examples = steps * train_cfg["batch_size"]
     result = {
         "args": stage_args, "dataset": paths.dataset, "steps": steps, "batch_size": train_cfg["batch_size"],
-        "eval_users": len(test),
+        "eval_users": len(test), "exclude_seen": params["evaluate"]["exclude_seen"],
         "device": str(device), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "rastp_on": {**tiger_cfg["rastp"], "enabled": True},  # the `on` variant; `off` is the same model unpruned
         "train_seconds": {n: round(s, 1) for n, s in seconds.items()},
@@ -113,9 +121,9 @@ def main(argv: list[str]) -> None:
     }
     write_json(f"bench/results/rastp_{paths.result_name()}.json", result)
     print("\n| pruning | train s | examples/s | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|---|---|")
-    for name in variants:
-        q = quality[name]
-        print(f"| {name} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} "
+    for key, (name, _) in scored.items():
+        q = quality[key]
+        print(f"| {key} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} "
               f"| {q['recall@10']:.4f} | {q['ndcg@10']:.4f} |")
     print(f"speed-up (off / on wall time): {result['speedup']:.2f}x")
 

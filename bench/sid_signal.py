@@ -21,7 +21,7 @@ import torch
 
 from rastp import config
 from rastp.beam_search import SidCatalogue
-from rastp.data import load_prepared, split_user
+from rastp.data import load_prepared
 from rastp.evaluation import rank_examples
 from rastp.io import write_json
 from rastp.training import SequenceBatches, load_model, make_examples
@@ -74,11 +74,11 @@ def main(argv: list[str]) -> None:
         data = SequenceBatches(examples, item_tokens, vocab)
         prior = sid_prior_cross_entropy(sids[train_targets], sids[[e.target for e in examples]])
         learnt = model_cross_entropy(model, data, catalogue)
+        # The model's own top 10, seen items allowed: how much of it the user already had.
         ranked = rank_examples(model, data, catalogue, beam_size=int(cfg.evaluate.beam_size),
-                               batch_size=int(cfg.evaluate.batch_size), top_k=10,
+                               batch_size=int(cfg.evaluate.batch_size), top_k=10, exclude_seen=False,
                                device=torch.device("cpu"))[0]
-        seen = [set(history) | ({valid_target} if split == "test" else set())
-                for history, valid_target, _ in map(split_user, sequences)]
+        seen = [set(e.seen) for e in examples]
         seen_share = float(np.mean([[int(i) in seen[u] for i in row] for u, row in enumerate(ranked.tolist())]))
         as_list = lambda values: [round(float(v), 3) for v in values]  # noqa: E731
         results[split] = {"model_ce": as_list(learnt), "sid_prior_ce": as_list(prior),

@@ -16,7 +16,8 @@ def main(argv):
     ev = cfg.evaluate
     metrics = evaluate_tiger(paths.model() / "tiger.pt", load_prepared(paths.prepared()).sequences,
                              np.load(paths.sids() / "sids.npy"), max_history=int(cfg.tiger.max_history),
-                             beam_size=int(ev.beam_size), batch_size=int(ev.batch_size), ks=list(ev.ks))
+                             beam_size=int(ev.beam_size), batch_size=int(ev.batch_size), ks=list(ev.ks),
+                             exclude_seen=bool(ev.exclude_seen))
     write_json(paths.metrics(), metrics)
     print(f"[evaluate] {paths.dataset}: {json.dumps(metrics)}")
 

@@ -136,3 +136,37 @@ def test_catalogue_softmax_is_a_distribution_over_the_catalogue():
     torch.testing.assert_close(loss, -scores[rows, rows * 5].mean() / LEVELS)
     with pytest.raises(ValueError, match="allowed_tokens must be given"):
         model(input_ids, mask, labels)
+
+
+@pytest.mark.parametrize("catalogue_softmax", [False, True])
+def test_seen_items_never_come_out_and_the_rest_stay_exact(catalogue_softmax):
+    """With `seen`, a full beam returns exactly the top-k of the exhaustive scores over the other items, with their
+    unchanged scores; a narrow beam wastes no place on a prefix whose items are all seen."""
+    catalogue = make_catalogue(40)
+    model = make_model(catalogue_softmax=catalogue_softmax)
+    input_ids, mask = make_histories()
+    exhaustive = exhaustive_scores(model, input_ids, mask, catalogue)
+    # Each row has seen its 12 best items (so the unfiltered top 10 is gone) and a whole first-level prefix.
+    best = exhaustive.topk(12, dim=1).indices
+    first_code = catalogue.sid_tokens[:, 0]
+    prefix_items = torch.nonzero(first_code == first_code[0]).flatten()
+    seen = torch.cat([best, prefix_items.expand(len(best), -1), torch.full((len(best), 3), -1)], dim=1)
+    result = beam_search(model, input_ids, mask, catalogue, beam_size=len(catalogue), top_k=10, seen=seen)
+    is_seen = torch.zeros_like(exhaustive, dtype=torch.bool)
+    for row, items in enumerate(seen.tolist()):
+        is_seen[row, [item for item in items if item >= 0]] = True
+    expected_scores, expected_items = exhaustive.masked_fill(is_seen, float("-inf")).topk(10, dim=1)
+    assert torch.equal(result.items, expected_items)
+    torch.testing.assert_close(result.scores, expected_scores)
+    narrow = beam_search(model, input_ids, mask, catalogue, beam_size=3, top_k=3, seen=seen)
+    assert narrow.num_short == 0 and not is_seen.gather(1, narrow.items).any()
+
+
+def test_open_nodes_close_prefixes_whose_items_are_all_seen():
+    catalogue = SidCatalogue(torch.tensor([[1, 5, 9], [1, 5, 10], [2, 6, 9]]))
+    open_nodes = catalogue.open_nodes(torch.tensor([[0, 1], [2, -1], [-1, -1]]))
+    assert [nodes.tolist() for nodes in open_nodes] == [
+        [[False, True], [True, False], [True, True]],  # prefixes (1,) and (2,)
+        [[False, True], [True, False], [True, True]],  # prefixes (1, 5) and (2, 6)
+        [[False, False, True], [True, True, False], [True, True, True]],  # items
+    ]

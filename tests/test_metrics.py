@@ -50,3 +50,10 @@ def test_popularity_counts_training_histories_only():
     top = popularity_ranking(sequences, num_items=4, k=4)
     # counts over histories [2,2,1], [1,2], [1]: item 1 -> 3, item 2 -> 3, items 0 and 3 -> 0
     assert top.tolist() == [1, 2, 0, 3]
+
+
+def test_popularity_skips_each_users_seen_items():
+    sequences = [[2, 2, 1, 0, 3], [1, 2, 0, 0], [1, 3, 3]]  # popularity order: 1, 2, 0, 3
+    seen = torch.tensor([[1, -1, -1], [2, 0, -1], [3, 1, 2]])
+    top = popularity_ranking(sequences, num_items=4, k=2, seen=seen)
+    assert top.tolist() == [[2, 0], [1, 3], [0, -1]]  # the last row has one unseen item left

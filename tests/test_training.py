@@ -17,6 +17,9 @@ def test_every_prefix_of_the_training_history_is_an_example():
     assert [(list(e.history), e.target) for e in valid] == [([2, 3], 4), ([5], 4)]
     test = make_examples(sequences, "test", max_history=2)
     assert [(list(e.history), e.target) for e in test] == [([3, 4], 5), ([5, 4], 3)]
+    # what the user already had before the target, uncut by max_history (excluded from rankings)
+    assert [list(e.seen) for e in valid] == [[0, 1, 2, 3], [5]]
+    assert [list(e.seen) for e in test] == [[0, 1, 2, 3, 4], [5, 4]]
 
 
 def test_vocabulary_offsets_put_each_level_in_its_own_range():
@@ -37,6 +40,9 @@ def test_collate_pads_right_and_labels_are_the_target_sid():
     assert batch["attention_mask"].tolist() == [[True, True, False, False], [True] * 4]
     assert batch["labels"].tolist() == [item_tokens[1].tolist(), item_tokens[2].tolist()]
     assert torch.equal(batch["target"], torch.tensor([1, 2]))
+    assert batch["seen"].shape == (2, 0)  # training examples carry no seen items
+    test = SequenceBatches(make_examples([[0, 1, 2, 1], [2, 1, 0]], "test", max_history=1), item_tokens, vocab)
+    assert test.collate([test[0], test[1]])["seen"].tolist() == [[0, 1, 2], [2, 1, -1]]
 
 
 @pytest.mark.parametrize("name, expected_steps", [("adafactor", (0.01, 0.0005)), ("adamw", (0.01, 0.01))])

@@ -39,6 +39,7 @@ class SidCatalogue:
         self.sid_tokens = sid_tokens
         self.level_tokens: list[torch.Tensor] = []
         self.children: list[torch.Tensor] = []
+        self.item_nodes: list[torch.Tensor] = []  # [N] per level l: each item's node at level l+1 (last: the item)
         num_items, sid_length = sid_tokens.shape
         node = torch.zeros(num_items, dtype=torch.long)  # every item's prefix node at level 0: the root
         for level in range(sid_length):
@@ -51,6 +52,7 @@ class SidCatalogue:
             table[node, column] = child
             self.level_tokens.append(tokens)
             self.children.append(table)
+            self.item_nodes.append(child)
             node = child
 
     def __len__(self) -> int:
@@ -69,6 +71,17 @@ class SidCatalogue:
                 raise ValueError("allowed_tokens: a row of sids is not a catalogue SID")
         return allowed
 
+    def open_nodes(self, seen: torch.LongTensor) -> list[torch.Tensor]:
+        """Per level l, [B, P_{l+1}] bool: whether the node at level l+1 (at the last level: the item) still leads to
+        an item outside the row's `seen` items ([B, M] item indices, -1 = padding)."""
+        num_items = len(self)
+        is_seen = torch.zeros((len(seen), num_items + 1), dtype=torch.bool, device=seen.device)
+        is_seen.scatter_(1, seen.masked_fill(seen < 0, num_items), True)
+        unseen = (~is_seen[:, :num_items]).long()
+        num_nodes = [len(table) for table in self.children[1:]] + [num_items]
+        return [torch.zeros((len(seen), size), dtype=torch.long, device=seen.device).index_add_(1, nodes, unseen) > 0
+                for nodes, size in zip(self.item_nodes, num_nodes)]
+
     @property
     def device(self) -> torch.device:
         return self.sid_tokens.device
@@ -78,6 +91,7 @@ class SidCatalogue:
         self.sid_tokens = self.sid_tokens.to(device)
         self.level_tokens = [tokens.to(device) for tokens in self.level_tokens]
         self.children = [table.to(device) for table in self.children]
+        self.item_nodes = [nodes.to(device) for nodes in self.item_nodes]
         return self
 
 
@@ -90,15 +104,19 @@ class BeamSearchResult:
 
 @torch.no_grad()
 def beam_search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
-                *, beam_size: int, top_k: int) -> BeamSearchResult:
+                *, beam_size: int, top_k: int, seen: torch.LongTensor | None = None) -> BeamSearchResult:
     """The top_k catalogue items for each history, by trie-constrained beam search with the decoder's KV cache.
+
+    `seen` [B, M] (item indices, -1 = padding): items that may not come out for that row (what the user already has).
+    A prefix all of whose items are seen is closed like one that is not in the trie, so no beam is spent on it and the
+    search stays exact; each item keeps its score (a catalogue softmax is not renormalised over the unseen items).
 
     Runs the model in eval mode (RASTP prunes only if `at_eval`) and restores its mode afterwards.
     """
     was_training = model.training
     model.eval()
     try:
-        items, scores = _search(model, input_ids, attention_mask, catalogue.to(input_ids.device), beam_size)
+        items, scores = _search(model, input_ids, attention_mask, catalogue.to(input_ids.device), beam_size, seen)
     finally:
         model.train(was_training)
     batch_size, found = items.shape
@@ -111,7 +129,7 @@ def beam_search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
 
 
 def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
-            beam_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            beam_size: int, seen: torch.LongTensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Items [B, W] and scores [B, W] of the final beams, best first (-1 / -inf for beams that found no SID)."""
     batch_size, width = input_ids.shape[0], beam_size
     hidden_states, mask = model.encode(input_ids, attention_mask)  # encoded once, for all steps
@@ -124,6 +142,7 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
     tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=input_ids.device)  # decoder start token
     first_beam = torch.arange(batch_size, device=input_ids.device)[:, None] * width
     levels = len(catalogue.children)
+    open_nodes = None if seen is None else catalogue.open_nodes(seen.to(input_ids.device))
     for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
         # The level's tokens: log-probabilities of the vocabulary softmax, or logits still to be normalised below.
         token_scores = model.beam_step(tokens, cache, cross_keys_values, mask).float()
@@ -137,6 +156,9 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
         log_probs = token_scores.view(batch_size, width, -1).masked_fill(child < 0, float("-inf"))
         if model.catalogue_softmax:  # softmax over the prefix's children only
             log_probs = log_probs.log_softmax(dim=-1)
+        if open_nodes is not None:  # after the softmax: excluding items does not change the others' scores
+            reachable = open_nodes[level].gather(1, child.clamp(min=0).flatten(1)).view_as(child)
+            log_probs = log_probs.masked_fill(~reachable, float("-inf"))
         total = (scores[..., None] + log_probs).flatten(1)
         scores, best = total.topk(width, dim=1)
         node = child.flatten(1).gather(1, best)

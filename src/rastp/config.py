@@ -191,6 +191,7 @@ class EvaluateParams:
     beam_size: int = MISSING
     batch_size: int = MISSING
     ks: List[int] = MISSING
+    exclude_seen: bool = MISSING
 
 
 @dataclass

@@ -37,17 +37,30 @@ def standard_errors(per_user: dict[str, torch.Tensor]) -> dict[str, float | None
             for name, values in per_user.items()}
 
 
-def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: int) -> torch.Tensor:
-    """The k items seen most often in the training histories (ties: lower item id first)."""
+def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: int,
+                       seen: torch.LongTensor | None = None) -> torch.Tensor:
+    """The k items seen most often in the training histories (ties: lower item id first) [k]; with `seen` ([B, M] item
+    ids, -1 = padding) each row's k most popular items outside its own seen ones [B, k] (-1 where fewer are left)."""
     counts = np.zeros(num_items, dtype=np.int64)
     for items in sequences:
         np.add.at(counts, split_user(items)[0], 1)
-    return torch.from_numpy(np.argsort(-counts, kind="stable")[:k].copy())
+    order = torch.from_numpy(np.argsort(-counts, kind="stable").copy())
+    if seen is None:
+        return order[:k]
+    # A row's k first unseen items lie among the k + M most popular: mark each row's seen ones there by rank.
+    candidates = order[: k + seen.shape[1]]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_items)
+    positions = torch.where(seen >= 0, rank[seen.clamp(min=0)], len(candidates)).clamp(max=len(candidates))
+    blocked = torch.zeros((len(seen), len(candidates) + 1), dtype=torch.bool).scatter_(1, positions, True)[:, :-1]
+    first = torch.argsort(blocked.to(torch.int8), dim=1, stable=True)[:, :k]
+    return torch.where(blocked.gather(1, first), -1, candidates[first])
 
 
-def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, top_k: int,
+def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, top_k: int, exclude_seen: bool,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Beam-search every example of `data` (a SequenceBatches): ranked items [N, top_k], targets [N], short lists."""
+    """Beam-search every example of `data` (a SequenceBatches): ranked items [N, top_k], targets [N], short lists.
+    With `exclude_seen` no list holds an item its user already had."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -57,7 +70,7 @@ def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, to
     with torch.inference_mode():
         for batch in tqdm(DataLoader(data, batch_size=batch_size, collate_fn=data.collate), desc="beam search", unit="batch"):
             found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
-                                beam_size=beam_size, top_k=top_k)
+                                beam_size=beam_size, top_k=top_k, seen=batch["seen"] if exclude_seen else None)
             ranked.append(found.items.cpu())
             targets.append(batch["target"])
             num_short += found.num_short
@@ -65,20 +78,25 @@ def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, to
 
 
 def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,
-                   beam_size: int, batch_size: int, ks: Sequence[int]) -> dict:
-    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus beam-search stats."""
+                   beam_size: int, batch_size: int, ks: Sequence[int], exclude_seen: bool) -> dict:
+    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus beam-search stats. With
+    `exclude_seen` neither ranks an item the user already had (no user of MovieLens-100k or Beauty has an item twice,
+    so none of them can be the target)."""
     from rastp.beam_search import SidCatalogue
-    from rastp.training import SequenceBatches, load_model, make_examples
+    from rastp.training import SequenceBatches, load_model, make_examples, pad_rows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = load_model(model_path, map_location=device)
     item_tokens = vocab.item_tokens(sids)
-    data = SequenceBatches(make_examples(sequences, "test", max_history), item_tokens, vocab)
+    examples = make_examples(sequences, "test", max_history)
+    data = SequenceBatches(examples, item_tokens, vocab)
     catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
     ranked, targets, num_short = rank_examples(model, data, catalogue, beam_size=beam_size, batch_size=batch_size,
-                                               top_k=max(ks), device=device)
+                                               top_k=max(ks), exclude_seen=exclude_seen, device=device)
     tiger = per_user_metrics(ranked, targets, ks)
-    popular = per_user_metrics(popularity_ranking(sequences, len(sids), max(ks)).expand(len(targets), -1), targets, ks)
+    seen = pad_rows([e.seen for e in examples], -1) if exclude_seen else None
+    popular_items = popularity_ranking(sequences, len(sids), max(ks), seen=seen).expand(len(targets), -1)
+    popular = per_user_metrics(popular_items, targets, ks)
     means = lambda metrics: {name: round(float(values.mean()), 6) for name, values in metrics.items()}  # noqa: E731
     return {
         "tiger": means(tiger),

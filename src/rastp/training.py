@@ -68,6 +68,7 @@ class Example:
     user: int
     history: Sequence[int]  # item ids, oldest first, already cut to max_history
     target: int
+    seen: Sequence[int] = ()  # valid / test: every item the user had before the target, uncut (train: not needed)
 
 
 def make_examples(sequences: Sequence[Sequence[int]], split: str, max_history: int) -> list[Example]:
@@ -78,9 +79,10 @@ def make_examples(sequences: Sequence[Sequence[int]], split: str, max_history: i
         if split == "train":
             examples += [Example(user, history[max(0, t - max_history):t], history[t]) for t in range(1, len(history))]
         elif split == "valid":
-            examples.append(Example(user, history[-max_history:], valid_target))
+            examples.append(Example(user, history[-max_history:], valid_target, history))
         elif split == "test":
-            examples.append(Example(user, (history + [valid_target])[-max_history:], test_target))
+            seen = history + [valid_target]
+            examples.append(Example(user, seen[-max_history:], test_target, seen))
         else:
             raise ValueError(f"unknown split {split!r}")
     return examples
@@ -100,17 +102,23 @@ class SequenceBatches(Dataset):
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         rows = [self.vocab.user_token(e.user) + self.item_tokens[list(e.history)].reshape(-1).tolist() for e in examples]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
+        input_ids = pad_rows(rows, PAD)
         targets = torch.tensor([e.target for e in examples])
         return {
             "input_ids": input_ids,
             "attention_mask": input_ids != PAD,
             "labels": torch.from_numpy(self.item_tokens[targets.numpy()]),
             "target": targets,
+            "seen": pad_rows([e.seen for e in examples], -1),
         }
+
+
+def pad_rows(rows: Sequence[Sequence[int]], padding: int) -> torch.LongTensor:
+    """[len(rows), longest row] with each row left-aligned and `padding` after it."""
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), padding, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
 
 
 class SequenceDataModule(L.LightningDataModule):
@@ -155,7 +163,7 @@ class TigerModule(L.LightningModule):
     """Next-SID cross-entropy training; validation = constrained beam search, Recall/NDCG@10."""
 
     def __init__(self, model: dict, item_tokens: np.ndarray, *, optimizer: str, lr: float, weight_decay: float,
-                 warmup_steps: int, schedule: str, val_beam_size: int):
+                 warmup_steps: int, schedule: str, val_beam_size: int, exclude_seen: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["item_tokens"])
         self.model = Tiger(**{**model, "rastp": RastpConfig(**model["rastp"])})
@@ -171,7 +179,8 @@ class TigerModule(L.LightningModule):
         self.log("val/loss", next_sid_loss(self.model, batch, self.catalogue.to(self.device)), batch_size=size,
                  sync_dist=True)
         found = beam_search(self.model, batch["input_ids"], batch["attention_mask"], self.catalogue.to(self.device),
-                            beam_size=self.hparams.val_beam_size, top_k=10)
+                            beam_size=self.hparams.val_beam_size, top_k=10,
+                            seen=batch["seen"] if self.hparams.exclude_seen else None)
         for name, value in ranking_metrics(found.items, batch["target"], ks=(10,)).items():
             self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=size, sync_dist=True)
 
@@ -272,7 +281,8 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     module = TigerModule(model_kwargs(tiger_cfg, vocab), item_tokens, optimizer=str(train_cfg["optimizer"]),
                          lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]),
                          warmup_steps=int(train_cfg["warmup_steps"]), schedule=str(train_cfg["schedule"]),
-                         val_beam_size=int(train_cfg["val_beam_size"]))
+                         val_beam_size=int(train_cfg["val_beam_size"]),
+                         exclude_seen=bool(cfg["evaluate"]["exclude_seen"]))
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/ndcg@10", mode="max", save_top_k=1,
                                   filename="best")
     max_minutes = float(train_cfg["max_time_minutes"])
