@@ -194,7 +194,7 @@ def test_keep_positions_uses_original_positions():
 
 def test_pruning_only_at_eval_when_asked():
     input_ids, mask, _ = make_batch()
-    model = make_model(enabled=True, keep_ratio=0.5)
+    model = make_model(enabled=True, keep_ratio=0.5, at_eval=False)
     assert model.train().encode(input_ids, mask)[0].shape[1] == max(num_keep(mask, 0.5))
     assert model.eval().encode(input_ids, mask)[0].shape[1] == 13
     model.rastp.at_eval = True

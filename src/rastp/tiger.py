@@ -31,10 +31,10 @@ class RastpConfig:
     """RASTP switches (params.yaml `tiger.rastp`)."""
 
     enabled: bool = False
-    prune_layer: int = 1  # prune after this encoder block (1-based)
-    keep_ratio: float = 0.5  # a row keeps ceil(keep_ratio * its real tokens), at least 1
+    prune_layer: int = 2  # prune after this encoder block (1-based)
+    keep_ratio: float = 0.34  # a row keeps ceil(keep_ratio * its real tokens), at least 1
     score: str = "rastp"  # rastp | norm | attention | random
-    at_eval: bool = False  # also prune in eval mode (validation/test)
+    at_eval: bool = True  # also prune in eval mode (validation/test), as in training
     keep_positions: bool = True  # later blocks see the kept tokens' original relative positions
 
     def __post_init__(self):
