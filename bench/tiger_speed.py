@@ -10,6 +10,7 @@ after 1 user token, batch 256: the shapes of Beauty, no signal. Everything runs 
    same top-10 lists, users/s (target >= 5x faster)
 3. wrapper overhead: a Tiger training step vs a stock T5ForConditionalGeneration step of the same sizes (no slower),
    and Tiger with torch's dropout vs its packed dropout (the same model otherwise; the gain is CPU-only)
+   Also Tiger and RASTP under bf16 autocast (`trainer.precision=bf16-mixed`) against fp32, on CPU or GPU alike
 4. peak memory of training and evaluation, each in a fresh process (CUDA: peak allocated; CPU: peak RSS increase)
 Prints a table and writes bench/results/tiger_speed.json.
 """
@@ -55,8 +56,10 @@ def synthetic_batch(sid_tokens: torch.Tensor, batch_size: int, generator: torch.
 
 def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
     """`stock`: T5ForConditionalGeneration alone (torch's dropout); `tiger`: pruning off; `tiger_torch_dropout`: the
-    same with torch's dropout instead of the packed one; `rastp`: pruning on (params' settings). Every variant scores
-    with the vocabulary softmax, the one `generate` has."""
+    same with torch's dropout instead of the packed one; `rastp`: pruning on (params' settings); a `_bf16` suffix: the
+    same model, trained under bf16 autocast (`train_step`). Every variant scores with the vocabulary softmax, the one
+    `generate` has."""
+    variant = variant.removesuffix("_bf16")
     sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
                                           "dropout", "tie_embeddings")}
     rastp = {**tiger_params["rastp"], "enabled": variant == "rastp"}
@@ -66,8 +69,10 @@ def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
     return model.t5 if variant == "stock" else model
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    loss = model(**batch) if isinstance(model, Tiger) else model(**batch).loss
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, bf16: bool) -> None:
+    """One step; `bf16`: forward under bf16 autocast with fp32 weights, as Lightning's bf16-mixed."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch) if isinstance(model, Tiger) else model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -108,7 +113,7 @@ def peak_memory_child(task: str, args: dict, queue) -> None:
         model = build(variant, args["tiger"], args["seed"]).train()
         batch = synthetic_batch(sid_tokens, args["batch_size"], generator)
         optimizer = torch.optim.AdamW(model.parameters())
-        run = lambda: train_step(model, optimizer, batch)  # noqa: E731
+        run = lambda: train_step(model, optimizer, batch, variant.endswith("_bf16"))  # noqa: E731
     else:
         model = build("tiger", args["tiger"], args["seed"]).eval()
         batch = synthetic_batch(sid_tokens, args["eval_users"], generator)
@@ -179,13 +184,13 @@ def main() -> None:
     print(f"[bench] {device}, {torch.get_num_threads()} threads; rastp {rastp_cfg}")
 
     # 1 + 3: training steps, the variants interleaved step by step so that machine load hits them alike.
-    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp"]
+    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp", "tiger_bf16", "rastp_bf16"]
     models = {v: build(v, params["tiger"], seed).to(device).train() for v in variants}
     optimizers = {v: torch.optim.AdamW(m.parameters()) for v, m in models.items()}
     seconds = dict.fromkeys(variants, 0.0)
     for step, batch in enumerate(batches):
         for v in variants:
-            _, elapsed = timed(lambda: train_step(models[v], optimizers[v], batch))
+            _, elapsed = timed(lambda: train_step(models[v], optimizers[v], batch, v.endswith("_bf16")))
             seconds[v] += elapsed if step > 0 else 0.0  # step 0 warms up
             print(f"[bench] train {v} step {step}: {elapsed:.2f}s")
     examples = args.batch_size * args.train_steps
@@ -217,6 +222,9 @@ def main() -> None:
     ratios = {"rastp_speedup": round(seconds["tiger"] / seconds["rastp"], 3),
               "tiger_vs_stock_step_time": round(seconds["tiger"] / seconds["stock"], 3),
               "packed_dropout_speedup": round(seconds["tiger_torch_dropout"] / seconds["tiger"], 3),
+              "bf16_speedup_tiger": round(seconds["tiger"] / seconds["tiger_bf16"], 3),
+              "bf16_speedup_rastp": round(seconds["rastp"] / seconds["rastp_bf16"], 3),
+              "rastp_speedup_bf16": round(seconds["tiger_bf16"] / seconds["rastp_bf16"], 3),
               "beam_search_speedup_vs_generate": round(hf_s / ours_s, 2)}
     unit = "MiB peak allocated" if device.type == "cuda" else "MiB peak RSS increase"
     width = batches[0]["input_ids"].shape[1]

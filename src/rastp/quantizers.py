@@ -505,11 +505,12 @@ def _lightning_module(model: Tokenizer, init_data: torch.Tensor, seed: int):
 
 def _trainer_kwargs(trainer: Mapping | None) -> dict:
     trainer = dict(trainer or {})
-    devices = trainer.get("devices", 1)
-    # The tokenizer is small: one device; "auto" on a multi-GPU machine would launch DDP.
+    devices, precision = trainer.get("devices", 1), trainer.get("precision", "32-true")
+    # The tokenizer is small: one device ("auto" on a multi-GPU machine would launch DDP), and fp32 for `auto` (it is
+    # fast either way, and its codes are nearest-distance choices that bf16 would blur).
     return {"accelerator": trainer.get("accelerator", "auto"),
             "devices": 1 if devices in ("auto", -1) else devices,
-            "precision": trainer.get("precision", "32-true")}
+            "precision": "32-true" if precision == "auto" else precision}
 
 
 def _train(model: Tokenizer, x: torch.Tensor, s: Settings, seed: int, trainer: Mapping | None) -> list[dict]:

@@ -264,6 +264,20 @@ def load_model(path: Path, map_location="cpu") -> tuple[Tiger, SidVocabulary]:
     return model.eval(), SidVocabulary(tuple(saved["level_sizes"]), saved["user_buckets"])
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """Lightning's precision for TIGER. `auto`: bf16 mixed precision where the device multiplies bf16 in hardware (a
+    CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX), else fp32; any other value is Lightning's own. On the README's
+    AVX512-BF16 CPU bf16-mixed trains 1.6x faster at the same validation NDCG (README); without the instructions bf16
+    is emulated and slower than fp32."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        native_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16-mixed" if native_bf16 else "32-true"
+
+
 def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Mapping, model_path: Path,
                 checkpoint_dir: Path, live_dir: Path, *, seed: int) -> dict:
     """Fit TIGER on one dataset; saves the best model on validation NDCG@10 to `model_path`,
@@ -294,8 +308,10 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     if not limits:
         raise ConfigError("train.max_steps and train.max_epochs are both unlimited: set one of them")
     val_every = min(int(train_cfg["val_every_steps"]), min(limits))
+    precision = resolve_precision(str(trainer_cfg["precision"]), str(trainer_cfg["accelerator"]))
+    print(f"[train] precision {precision}", file=sys.stderr, flush=True)
     trainer = L.Trainer(
-        **trainer_cfg, max_epochs=max_epochs, max_steps=max_steps,
+        **{**trainer_cfg, "precision": precision}, max_epochs=max_epochs, max_steps=max_steps,
         max_time={"minutes": max_minutes} if max_minutes > 0 else None,
         val_check_interval=val_every or None, check_val_every_n_epoch=None if val_every else 1,
         callbacks=[checkpoints, EarlyStopping(monitor="val/ndcg@10", mode="max", patience=int(train_cfg["patience"])),
@@ -309,4 +325,4 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
         best = TigerModule.load_from_checkpoint(checkpoints.best_model_path, item_tokens=item_tokens, map_location="cpu")
         save_model(model_path, best, vocab)
     return {"best_val_ndcg@10": float(checkpoints.best_model_score), "epochs": trainer.current_epoch,
-            "steps": trainer.global_step, "train_examples": len(data.sets["train"])}
+            "steps": trainer.global_step, "train_examples": len(data.sets["train"]), "precision": precision}
