@@ -9,8 +9,8 @@ Both models start from the same weights (same seed), see the same batches in the
 and schedule (params `train`), and their steps are interleaved one by one so that machine load hits both alike. Then
 both are scored on the same test users with the same beam search; the pruned model also with the other
 `tiger.rastp.at_eval` (pruning at test time or not). Training runs in `trainer.precision` as the train stage
-resolves it (`auto`: bf16-mixed where the device has bf16, else 32-true; test scoring in fp32). Prints a table and writes
-bench/results/rastp_<dataset>[_<hand-run hash>].json.
+resolves it (`auto`: bf16-mixed where the device has bf16, else 32-true; test scoring in fp32). Prints a table and
+writes bench/results/rastp_<dataset>[_<hand-run hash>].json.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(params["trainer"]["precision"], params["trainer"]["accelerator"])
     if precision not in ("32-true", "bf16-mixed"):
-        raise config.ConfigError(f"trainer.precision: bench/rastp_real.py trains in 32-true or bf16-mixed, not {precision}")
+        raise config.ConfigError(f"trainer.precision: bench/rastp_real.py trains in 32-true or bf16-mixed, "
+                                 f"not {precision}")
 
     sequences = load_prepared(paths.prepared()).sequences
     sid_dir = paths.sids()
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> None:
                                           warmup_steps=train_cfg["warmup_steps"], total_steps=steps,
                                           schedule=train_cfg["schedule"])
     print(f"[bench] {paths.dataset}: {len(train)} training examples, {steps} steps of {train_cfg['batch_size']}, "
-          f"{device}, {precision}, {torch.get_num_threads()} threads, pruning of the `on` variant: {tiger_cfg['rastp']}", flush=True)
+          f"{device}, {precision}, {torch.get_num_threads()} threads, "
+          f"pruning of the `on` variant: {tiger_cfg['rastp']}", flush=True)
     for step in range(steps):
         try:
             batch = next(batches)
@@ -118,7 +120,8 @@ def main(argv: list[str]) -> None:
     result = {
         "args": stage_args, "dataset": paths.dataset, "steps": steps, "batch_size": train_cfg["batch_size"],
         "eval_users": len(test), "exclude_seen": params["evaluate"]["exclude_seen"],
-        "device": str(device), "precision": precision, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
         "rastp_on": {**tiger_cfg["rastp"], "enabled": True},  # the `on` variant; `off` is the same model unpruned
         "train_seconds": {n: round(s, 1) for n, s in seconds.items()},
         "examples_per_s": {n: round(examples / s, 1) for n, s in seconds.items()},
