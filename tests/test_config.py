@@ -94,3 +94,9 @@ def test_a_bad_value_written_into_params_yaml_is_refused(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"^params.yaml: train.lr_typo: Key 'lr_typo' not in 'TrainParams'"):
         config.compose_params(params_file=tmp_path / "params.yaml")
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"trainer.precision: 'bf17-mixed' is not one of \('auto', '32-true'"):
+        config.load(["dataset=ml100k", "trainer.precision=bf17-mixed"])
+    assert config.load(["dataset=ml100k", "trainer.precision=16-mixed"])[0].trainer.precision == "16-mixed"

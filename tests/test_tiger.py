@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rastp.tiger import (RastpConfig, Tiger, packed_dropout, sdpa_attention_packed_dropout, select_tokens,
+from rastp.tiger import (RastpConfig, Tiger, packed_dropout, select_tokens, tiger_attention,
                          self_attention_probs)
 
 VOCAB, SID_LENGTH = 60, 3
@@ -219,18 +219,50 @@ def test_packed_dropout_drops_a_fraction_p_and_keeps_the_mean():
     assert torch.equal(packed_dropout(x, 1.0, training=True), torch.zeros_like(x))
 
 
+def attention_inputs(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 5, 4, generator=generator).to(dtype) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5, generator=generator).to(dtype)
+    padding = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    return query, key, value, bias, padding
+
+
+def attention_module(causal: bool, packed: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(is_causal=causal, training=True, config=SimpleNamespace(packed_dropout=packed))
+
+
 def test_packed_dropout_attention_equals_sdpa_when_nothing_drops():
     # p = 1e-9 takes the packed path but rounds to "drop nothing": the same attention as SDPA without dropout
-    generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(3))
-    bias = torch.randn(1, 3, 5, 5, generator=generator)
-    padding = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    query, key, value, bias, padding = attention_inputs()
     for mask, causal in ((None, True), (None, False), (padding, False), (padding.float().log(), False)):
-        module = SimpleNamespace(is_causal=causal, training=True)
-        ours, _ = sdpa_attention_packed_dropout(module, query, key, value, mask, dropout=1e-9, scaling=1.0,
-                                                position_bias=bias)
+        module = attention_module(causal)
+        ours, weights = tiger_attention(module, query, key, value, mask, dropout=1e-9, scaling=1.0, position_bias=bias)
+        assert weights is not None  # formed here, not by SDPA
         stock, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=1.0, position_bias=bias)
         torch.testing.assert_close(ours, stock)
+
+
+def test_bf16_training_attention_is_formed_by_matmuls_with_sdpa_values_and_gradients():
+    query, key, value, bias, padding = attention_inputs(torch.bfloat16)
+    for mask, causal in ((None, True), (padding, False)):
+        module = attention_module(causal)
+        inputs = [t.clone().requires_grad_() for t in (query, key, value, bias)]
+        ours, weights = tiger_attention(module, *inputs[:3], mask, scaling=1.0, position_bias=inputs[3])
+        assert weights is not None and weights.dtype == torch.bfloat16  # formed here, in bf16
+        ours.float().square().sum().backward()
+        reference = [t.float().requires_grad_() for t in (query, key, value, bias)]  # SDPA in fp32
+        stock, _ = sdpa_attention_forward(module, *reference[:3], mask, scaling=1.0, position_bias=reference[3])
+        stock.square().sum().backward()
+        torch.testing.assert_close(ours.float(), stock, atol=0.05, rtol=0.05)
+        for a, b in zip(inputs, reference):
+            torch.testing.assert_close(a.grad.float(), b.grad, atol=0.1, rtol=0.05)
+    # SDPA stays where it is the faster: without gradients, and in fp32 without dropout
+    with torch.no_grad():
+        assert tiger_attention(attention_module(False), query, key, value, padding, scaling=1.0)[1] is None
+    fp32 = [t.float().requires_grad_() for t in (query, key, value)]
+    assert tiger_attention(attention_module(False), *fp32, padding, scaling=1.0)[1] is None
+    # and so does torch's dropout, for a model without packed dropout
+    assert tiger_attention(attention_module(False, packed=False), *fp32, padding, dropout=0.1, scaling=1.0)[1] is None
 
 
 def test_packed_dropout_model_trains_like_the_stock_dropout_model():

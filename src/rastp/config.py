@@ -178,12 +178,16 @@ class TrainParams:
     num_workers: int = MISSING
 
 
+# `auto` (TIGER in bf16-mixed where the device has bf16: `rastp.training.resolve_precision`) or Lightning's own names.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
 @dataclass
 class TrainerParams:
     accelerator: str = MISSING
     devices: Any = MISSING               # auto, a count, or a list of device indices
     strategy: str = MISSING
-    precision: str = MISSING
+    precision: str = MISSING             # one of PRECISIONS
 
 
 @dataclass
@@ -219,6 +223,8 @@ def check_types(cfg: DictConfig, source: str) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(checked))
     if missing:
         raise ConfigError(f"{source}: missing params {missing}")
+    if checked.trainer.precision not in PRECISIONS:  # else Lightning refuses it late, without naming the param
+        raise ConfigError(f"{source}: trainer.precision: {checked.trainer.precision!r} is not one of {PRECISIONS}")
     return checked
 
 
