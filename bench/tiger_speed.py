@@ -10,7 +10,8 @@ after 1 user token, batch 256: the shapes of Beauty, no signal. Everything runs 
    same top-10 lists, users/s (target >= 5x faster)
 3. wrapper overhead: a Tiger training step vs a stock T5ForConditionalGeneration step of the same sizes (no slower),
    and Tiger with torch's dropout vs its packed dropout (the same model otherwise; the gain is CPU-only)
-   Also stock T5, Tiger and RASTP under bf16 autocast (`trainer.precision=bf16-mixed`) against fp32, on CPU or GPU alike
+   Also stock T5, Tiger and RASTP under bf16 autocast (`trainer.precision=bf16-mixed`) against fp32, on CPU or GPU
+   alike, and in bf16 Tiger with transformers' SDPA attention vs its own (`tiger_attention`, which differs on CPU)
 4. peak memory of training and evaluation, each in a fresh process (CUDA: peak allocated; CPU: peak RSS increase)
 Prints a table and writes bench/results/tiger_speed.json.
 """
@@ -56,9 +57,10 @@ def synthetic_batch(sid_tokens: torch.Tensor, batch_size: int, generator: torch.
 
 def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
     """`stock`: T5ForConditionalGeneration alone (torch's dropout, transformers' SDPA attention); `tiger`: pruning
-    off; `tiger_torch_dropout`: the same with torch's dropout instead of the packed one; `rastp`: pruning on (params'
-    settings); a `_bf16` suffix: the same model, trained under bf16 autocast (`train_step`). Every variant scores with
-    the vocabulary softmax, the one `generate` has."""
+    off; `tiger_torch_dropout`: the same with torch's dropout instead of the packed one; `tiger_sdpa`: the same with
+    transformers' SDPA attention instead of `tiger_attention`; `rastp`: pruning on (params' settings); a `_bf16`
+    suffix: the same model, trained under bf16 autocast (`train_step`). Every variant scores with the vocabulary
+    softmax, the one `generate` has."""
     variant = variant.removesuffix("_bf16")
     sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
                                           "dropout", "tie_embeddings")}
@@ -66,10 +68,9 @@ def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp,
                   packed_dropout=variant not in ("stock", "tiger_torch_dropout"))
-    if variant == "stock":  # with transformers' own SDPA attention
+    if variant in ("stock", "tiger_sdpa"):
         model.t5.set_attn_implementation("sdpa")
-        return model.t5
-    return model
+    return model.t5 if variant == "stock" else model
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, bf16: bool) -> None:
@@ -187,7 +188,8 @@ def main() -> None:
     print(f"[bench] {device}, {torch.get_num_threads()} threads; rastp {rastp_cfg}")
 
     # 1 + 3: training steps, the variants interleaved step by step so that machine load hits them alike.
-    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp", "stock_bf16", "tiger_bf16", "rastp_bf16"]
+    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp", "stock_bf16", "tiger_sdpa_bf16", "tiger_bf16",
+                "rastp_bf16"]
     models = {v: build(v, params["tiger"], seed).to(device).train() for v in variants}
     optimizers = {v: torch.optim.AdamW(m.parameters()) for v, m in models.items()}
     seconds = dict.fromkeys(variants, 0.0)
@@ -225,6 +227,7 @@ def main() -> None:
     ratios = {"rastp_speedup": round(seconds["tiger"] / seconds["rastp"], 3),
               "tiger_vs_stock_step_time": round(seconds["tiger"] / seconds["stock"], 3),
               "tiger_vs_stock_step_time_bf16": round(seconds["tiger_bf16"] / seconds["stock_bf16"], 3),
+              "tiger_attention_speedup_bf16": round(seconds["tiger_sdpa_bf16"] / seconds["tiger_bf16"], 3),
               "packed_dropout_speedup": round(seconds["tiger_torch_dropout"] / seconds["tiger"], 3),
               "bf16_speedup_tiger": round(seconds["tiger"] / seconds["tiger_bf16"], 3),
               "bf16_speedup_rastp": round(seconds["rastp"] / seconds["rastp_bf16"], 3),
