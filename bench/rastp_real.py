@@ -32,8 +32,8 @@ from rastp.data import load_prepared
 from rastp.evaluation import rank_examples, ranking_metrics
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
-from rastp.training import (SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs, next_sid_loss,
-                            resolve_precision)
+from rastp.hardware import resolve_precision
+from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs, next_sid_loss
 
 
 def main(argv: list[str]) -> None:

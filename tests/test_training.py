@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rastp.config import ConfigError
-from rastp.training import PAD, SequenceBatches, SidVocabulary, make_examples, make_optimizer, resolve_precision
+from rastp.training import PAD, SequenceBatches, SidVocabulary, make_examples, make_optimizer
 
 
 def test_every_prefix_of_the_training_history_is_an_example():
@@ -81,20 +81,3 @@ def test_learning_rate_warms_up_then_decays_or_stays_and_unknown_choices_are_ref
     with pytest.raises(ConfigError, match="train.schedule: 'linear'"):
         make_optimizer(weights, "adamw", lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=10, schedule="linear")
 
-
-@pytest.mark.parametrize("cuda, cuda_bf16, avx512_bf16, amx, accelerator, expected", [
-    (False, False, True, False, "auto", "bf16-mixed"),   # CPU with AVX512-BF16
-    (False, False, False, True, "cpu", "bf16-mixed"),    # CPU with AMX
-    (False, False, False, False, "auto", "32-true"),     # CPU that would emulate bf16
-    (True, True, False, False, "auto", "bf16-mixed"),    # bf16 GPU
-    (True, False, True, False, "gpu", "32-true"),        # GPU without bf16: the CPU's instructions do not count
-    (True, True, False, False, "cpu", "32-true"),        # CPU asked for on a GPU machine
-])
-def test_auto_precision_is_bf16_mixed_only_where_the_device_has_bf16(monkeypatch, cuda, cuda_bf16, avx512_bf16, amx,
-                                                                     accelerator, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert resolve_precision("auto", accelerator) == expected
-    assert resolve_precision("16-mixed", accelerator) == "16-mixed"  # an explicit choice is Lightning's

@@ -178,7 +178,7 @@ class TrainParams:
     num_workers: int = MISSING
 
 
-# `auto` (TIGER in bf16-mixed where the device has bf16: `rastp.training.resolve_precision`) or Lightning's own names.
+# `auto` (TIGER in bf16-mixed where the device has bf16: `rastp.hardware.resolve_precision`) or Lightning's own names.
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rastp.config import ConfigError
+from rastp.hardware import trainer_device
 from rastp.io import DataError
 from rastp.sids import collision_stats
 
@@ -531,11 +532,6 @@ def _train(model: Tokenizer, x: torch.Tensor, s: Settings, seed: int, trainer: M
     return module.init_history + module.history
 
 
-def _device(trainer: Mapping | None) -> torch.device:
-    accelerator = str((trainer or {}).get("accelerator", "auto"))
-    return torch.device("cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
-
-
 # --------------------------------------------------------------------------- public interface
 
 @dataclass
@@ -558,7 +554,7 @@ def fit_codebook(embeddings: np.ndarray, cfg: Mapping, *, seed: int, trainer: Ma
 
     start = time.perf_counter()
     if s.method == "rqkmeans":
-        device = _device(trainer)
+        device = trainer_device(str((trainer or {}).get("accelerator", "auto")))
         model.to(device)
         xd = x.to(device)
         model.set_standardization(xd)

@@ -24,6 +24,7 @@ from rastp.beam_search import SidCatalogue, beam_search
 from rastp.config import ConfigError
 from rastp.data import split_user
 from rastp.evaluation import ranking_metrics
+from rastp.hardware import resolve_precision
 from rastp.tiger import RastpConfig, Tiger
 
 PAD = 0  # padding and decoder start token
@@ -262,20 +263,6 @@ def load_model(path: Path, map_location="cpu") -> tuple[Tiger, SidVocabulary]:
     model = Tiger(**{**kwargs, "rastp": RastpConfig(**kwargs["rastp"])})
     model.load_state_dict(saved["state_dict"])
     return model.eval(), SidVocabulary(tuple(saved["level_sizes"]), saved["user_buckets"])
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """Lightning's precision for TIGER. `auto`: bf16 mixed precision where the device multiplies bf16 in hardware (a
-    CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX), else fp32; any other value is Lightning's own. On the README's
-    AVX512-BF16 CPU the train stage runs 2.0x faster in bf16-mixed, at the same validation loss (README); without the
-    instructions bf16 would be emulated, so fp32 is kept."""
-    if precision != "auto":
-        return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        native_bf16 = torch.cuda.is_bf16_supported()
-    else:
-        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16-mixed" if native_bf16 else "32-true"
 
 
 def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Mapping, model_path: Path,
