@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rastp.tiger import (RastpConfig, Tiger, packed_dropout, select_tokens, tiger_attention,
-                         self_attention_probs)
+from rastp.tiger import RastpConfig, Tiger, packed_dropout, select_tokens, tiger_attention
 
 VOCAB, SID_LENGTH = 60, 3
 
@@ -41,9 +40,10 @@ def num_keep(mask, keep_ratio):
 def stock_block_outputs(model, input_ids, mask):
     """Each stock encoder block's output and self-attention probabilities (eager attention), eval mode."""
     encoder = model.t5.encoder
+    ours = model.t5.config._attn_implementation
     model.t5.set_attn_implementation("eager")
     attentions = encoder(input_ids=input_ids, attention_mask=mask, output_attentions=True).attentions
-    model.t5.set_attn_implementation("sdpa")
+    model.t5.set_attn_implementation(ours)
     hidden, bias, outputs = encoder.embed_tokens(input_ids), None, []
     mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=mask)
     for block in encoder.block:
@@ -89,15 +89,26 @@ def test_encoder_without_pruning_equals_stock_t5_encoder():
         assert torch.equal(hidden, stock) and torch.equal(out_mask, mask)
 
 
-def test_attention_probs_reproduce_t5_self_attention():
+def test_the_pruning_blocks_self_attention_hands_over_t5s_probabilities_before_dropout():
+    """RASTP scores with the probabilities the block's own self-attention forms: eager T5's, and its output unchanged;
+    in training they are the probabilities before dropout."""
     input_ids, mask, _ = make_batch()
-    model = make_model().eval()
+    model = make_model(dropout=0.5).eval()
     outputs, attentions = stock_block_outputs(model, input_ids, mask)
-    bias = model.t5.encoder.block[0].layer[0].SelfAttention.compute_bias(13, 13)
+    encoder = model.t5.encoder
+    mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=outputs[0], attention_mask=mask)
+    bias = encoder.block[0].layer[0].SelfAttention.compute_bias(13, 13)
     for number in (0, 1):
-        block_input = model.t5.encoder.embed_tokens(input_ids) if number == 0 else outputs[number - 1]
-        probs = self_attention_probs(model.t5.encoder.block[number], block_input, mask, bias)
+        block = encoder.block[number]
+        block_input = encoder.embed_tokens(input_ids) if number == 0 else outputs[number - 1]
+        hidden, _, probs = block.layer[0](block_input, mask4d, bias, attention_probs=True)
         torch.testing.assert_close(probs, attentions[number])
+        torch.testing.assert_close(block.layer[-1](hidden), outputs[number])
+        block.train()
+        hidden, _, probs = block.layer[0](block_input, mask4d, bias, attention_probs=True)
+        block.eval()
+        torch.testing.assert_close(probs, attentions[number])  # dropout hits the values' weights, not these
+        assert not torch.allclose(block.layer[-1](hidden), outputs[number])  # while dropout did act
 
 
 def test_select_tokens_keeps_top_k_real_tokens_in_order():
@@ -137,19 +148,30 @@ def test_pruning_keeps_top_k_by_score(score):
         torch.testing.assert_close(hidden[row, :count], stock[row, top])
 
 
+def test_attention_scores_need_tigers_attention():
+    input_ids, mask, _ = make_batch()
+    model = make_model(enabled=True, at_eval=True)
+    model.t5.set_attn_implementation("sdpa")  # hands over no probabilities
+    with pytest.raises(RuntimeError, match="tiger.rastp.score=rastp .* 'sdpa'"):
+        model.eval().encode(input_ids, mask)
+    model.rastp.score = "norm"  # needs none
+    assert model.encode(input_ids, mask)[0].shape[1] == max(num_keep(mask, 0.34))
+
+
 def test_later_blocks_run_on_shorter_tensors():
     input_ids, mask, labels = make_batch()
     model = make_model(enabled=True, prune_layer=1, keep_ratio=0.5).train()
     widths = []
-    for block in model.t5.encoder.block:
-        block.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    for block in model.t5.encoder.block:  # each block's self-attention and feed-forward
+        for layer in (block.layer[0], block.layer[-1]):
+            layer.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
     cross_widths = []
     model.t5.decoder.block[0].layer[1].register_forward_pre_hook(
         lambda module, args, kwargs: cross_widths.append(kwargs["key_value_states"].shape[1]), with_kwargs=True)
     loss = model(input_ids, mask, labels)
     loss.backward()
     width = max(num_keep(mask, 0.5))
-    assert widths == [13, width, width] and cross_widths == [width]
+    assert widths == [13, 13, width, width, width, width] and cross_widths == [width]
     assert torch.isfinite(loss)
     _, out_mask = model.encode(input_ids, mask)
     assert out_mask.sum(dim=1).tolist() == num_keep(mask, 0.5)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AttentionInterface, DynamicCache, T5Config, T5ForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, create_bidirectional_mask, sdpa_mask
-from transformers.models.t5.modeling_t5 import T5Attention, T5Block
+from transformers.models.t5.modeling_t5 import T5Attention
 
 SCORES = ("rastp", "norm", "attention", "random")
 
@@ -72,21 +72,24 @@ class PackedDropout(nn.Dropout):
 
 def tiger_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    is_causal: bool | None = None, position_bias: torch.Tensor | None = None, **kwargs):
-    """transformers' SDPA attention, except in two cases on CPU, where the attention weights are formed here (T5:
-    q.k + position bias, masked, softmax):
+                    is_causal: bool | None = None, position_bias: torch.Tensor | None = None,
+                    attention_probs: bool = False, **kwargs):
+    """transformers' SDPA attention, except where the attention weights are formed here (T5: q.k + position bias,
+    masked, softmax), which returns them too:
 
-    - dropout with `packed_dropout` (the model config's `packed_dropout`): so that the weights' dropout uses its mask;
-    - bf16 with gradients (bf16-mixed training): SDPA's CPU kernels (the fused one for cross-attention, its math
-      fallback where the position bias needs gradients) run their bf16 backward far slower than these matmuls; TIGER's
-      bf16 training steps take ~30% less time this way (README). In fp32 (and without gradients) SDPA is as fast or
-      faster, and stays.
+    - `attention_probs=True` (any device): RASTP's pruning block, whose probabilities (before dropout) score the tokens;
+    - on CPU, dropout with `packed_dropout` (the model config's `packed_dropout`): so that the weights' dropout uses its
+      mask;
+    - on CPU, bf16 with gradients (bf16-mixed training): SDPA's CPU kernels (the fused one for cross-attention, its
+      math fallback where the position bias needs gradients) run their bf16 backward far slower than these matmuls;
+      TIGER's bf16 training steps take ~30% less time this way (README). In fp32 (and without gradients) SDPA is as
+      fast or faster, and stays.
 
     The masks are SDPA's: boolean (True: attend) or additive, or None with `is_causal` for causal self-attention.
     """
     packed = dropout > 0.0 and module.config.packed_dropout
     bf16_training = query.dtype == torch.bfloat16 and torch.is_grad_enabled()
-    if query.device.type != "cpu" or not (packed or bf16_training):
+    if not attention_probs and (query.device.type != "cpu" or not (packed or bf16_training)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     scores = query @ key.transpose(2, 3) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
@@ -98,35 +101,16 @@ def tiger_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if attention_mask is not None:
         scores = (scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
                   if attention_mask.dtype == torch.bool else scores + attention_mask)
-    weights = scores.softmax(dim=-1)
-    weights = (packed_dropout(weights, dropout, training=True) if packed
-               else nn.functional.dropout(weights, dropout, training=True))
-    return (weights @ value).transpose(1, 2).contiguous(), weights
+    probs = scores.softmax(dim=-1)
+    weights = (packed_dropout(probs, dropout, training=True) if packed
+               else nn.functional.dropout(probs, dropout, training=True))
+    return (weights @ value).transpose(1, 2).contiguous(), probs
 
 
 # Registered under its own name (with SDPA's masks): the stock `sdpa` entry stays untouched for every other model.
 TIGER_ATTENTION = "tiger_sdpa"
 AttentionInterface.register(TIGER_ATTENTION, tiger_attention)
 AttentionMaskInterface.register(TIGER_ATTENTION, sdpa_mask)
-
-
-def self_attention_probs(block: T5Block, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
-                         position_bias: torch.Tensor) -> torch.Tensor:
-    """The attention probabilities [B, H, T, T] of `block`'s self-attention (before dropout) for its input.
-
-    Reproduces T5Attention's scores from its own layer norm and q/k projections: q.k + position bias, masked, softmax.
-    T5 does not scale q.k by 1/sqrt(d_kv). Only q and k are projected, no values or output: cheaper than a second
-    full attention pass, and the block itself keeps running the fast fused attention.
-    """
-    layer = block.layer[0]
-    attention = layer.SelfAttention
-    normed = layer.layer_norm(hidden_states)
-    shape = (*normed.shape[:2], attention.n_heads, attention.key_value_proj_dim)
-    query = attention.q(normed).view(shape).transpose(1, 2)
-    key = attention.k(normed).view(shape).transpose(1, 2)
-    scores = query @ key.transpose(2, 3) + position_bias
-    scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
-    return scores.softmax(dim=-1)
 
 
 def token_importance(score: str, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
@@ -220,23 +204,33 @@ class Tiger(nn.Module):
                                            attention_mask=attention_mask)
         position_bias = None  # block 0 computes T5's relative position bias; the later blocks share it
         for number, block in enumerate(encoder.block, start=1):
-            block_input = hidden_states
-            hidden_states, position_bias, _ = block(hidden_states, mask4d, position_bias)
-            if self.prunes and number == self.rastp.prune_layer:
-                hidden_states, attention_mask, position_bias = self._prune(
-                    block, block_input, hidden_states, attention_mask, position_bias)
-                mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden_states,
-                                                   attention_mask=attention_mask)
+            if not (self.prunes and number == self.rastp.prune_layer):
+                hidden_states, position_bias, _ = block(hidden_states, mask4d, position_bias)
+                continue
+            # The pruning block layer by layer (self-attention, then feed-forward), so that its self-attention hands
+            # over the probabilities it forms anyway: RASTP's scores cost no second pass over q and k. (T5Block's
+            # clamp of fp16 overflow is left out here: it only acts in pure fp16, `16-true`.)
+            hidden_states, position_bias, probs = block.layer[0](hidden_states, mask4d, position_bias,
+                                                                 attention_probs=True)
+            hidden_states = block.layer[-1](hidden_states)
+            hidden_states, attention_mask, position_bias = self._prune(hidden_states, probs, attention_mask,
+                                                                       position_bias)
+            mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden_states,
+                                               attention_mask=attention_mask)
         hidden_states = encoder.dropout(encoder.final_layer_norm(hidden_states))
         return hidden_states, attention_mask
 
-    def _prune(self, block: T5Block, block_input: torch.Tensor, hidden_states: torch.Tensor,
-               attention_mask: torch.Tensor, position_bias: torch.Tensor):
-        """RASTP after `block`: the kept tokens' hidden states, their mask and the position bias between them."""
+    def _prune(self, hidden_states: torch.Tensor, attention_probs: torch.Tensor, attention_mask: torch.Tensor,
+               position_bias: torch.Tensor):
+        """RASTP after the pruning block, given its output and its self-attention probabilities [B, H, T, T]: the kept
+        tokens' hidden states, their mask and the position bias between them."""
+        if attention_probs is None and self.rastp.score in ("rastp", "attention"):
+            raise RuntimeError(f"tiger.rastp.score={self.rastp.score} scores with the attention probabilities that "
+                               f"TIGER's attention ({TIGER_ATTENTION!r}) hands over; this model's attention is "
+                               f"{self.t5.config._attn_implementation!r}")
         with torch.no_grad():  # the selection is discrete: no gradient flows through the scores
-            probs = (self_attention_probs(block, block_input, attention_mask, position_bias)
-                     if self.rastp.score in ("rastp", "attention") else None)
-            importance = token_importance(self.rastp.score, hidden_states, attention_mask, probs, self.generator)
+            importance = token_importance(self.rastp.score, hidden_states, attention_mask, attention_probs,
+                                          self.generator)
             index, kept = select_tokens(importance, attention_mask, self.rastp.keep_ratio)
         hidden_states = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
         if self.rastp.keep_positions:
