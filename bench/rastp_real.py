@@ -32,7 +32,7 @@ from rastp.data import load_prepared
 from rastp.evaluation import rank_examples, ranking_metrics
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
-from rastp.hardware import resolve_precision
+from rastp.hardware import resolve_precision, trainer_device
 from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs, next_sid_loss
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     steps = train_cfg["max_steps"]
     if steps <= 0:
         raise config.ConfigError("bench/rastp_real.py needs train.max_steps > 0 (the steps of each variant)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = trainer_device(params["trainer"]["accelerator"])
     precision = resolve_precision(params["trainer"]["precision"], params["trainer"]["accelerator"])
     if precision not in ("32-true", "bf16-mixed"):
         raise config.ConfigError(f"trainer.precision: bench/rastp_real.py trains in 32-true or bf16-mixed, "
