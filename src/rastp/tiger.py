@@ -23,6 +23,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, create_bidirectional_mask, sdpa_mask
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from rastp.config import ConfigError
+
 SCORES = ("rastp", "norm", "attention", "random")
 
 
@@ -39,9 +41,9 @@ class RastpConfig:
 
     def __post_init__(self):
         if self.score not in SCORES:
-            raise ValueError(f"tiger.rastp.score: {self.score!r} is not one of {SCORES}")
+            raise ConfigError(f"tiger.rastp.score: {self.score!r} is not one of {SCORES}")
         if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"tiger.rastp.keep_ratio: {self.keep_ratio} is not in (0, 1]")
+            raise ConfigError(f"tiger.rastp.keep_ratio: {self.keep_ratio} is not in (0, 1]")
 
 
 def packed_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -170,7 +172,7 @@ class Tiger(nn.Module):
         self.catalogue_softmax = catalogue_softmax
         self.rastp = rastp if isinstance(rastp, RastpConfig) else RastpConfig(**(rastp or {}))
         if not 1 <= self.rastp.prune_layer <= num_layers:
-            raise ValueError(f"tiger.rastp.prune_layer: {self.rastp.prune_layer} is not in 1..{num_layers}")
+            raise ConfigError(f"tiger.rastp.prune_layer: {self.rastp.prune_layer} is not in 1..{num_layers}")
         config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
                           num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
                           feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0, eos_token_id=None)
