@@ -5,12 +5,14 @@
 Takes the stage scripts' arguments: `dataset=<name>` and dotted overrides of params.yaml (the steps are
 `train.max_steps`; `tiger.rastp.*` shapes the `on` variant). Needs the dataset's pipeline outputs up to `sids`
 (`dvc repro sids@beauty` with beauty in `datasets`, or the hand runs of codebook and sids with the same overrides).
-Both models start from the same weights (same seed), see the same batches in the same order with the same optimizer
-and schedule (params `train`), and their steps are interleaved one by one so that machine load hits both alike. Then
-both are scored on the same test users with the same beam search; the pruned model also with the other
-`tiger.rastp.at_eval` (pruning at test time or not). Training runs in `trainer.precision` as the train stage
-resolves it (`auto`: bf16-mixed where the device has bf16, else 32-true; test scoring in fp32). Prints a table and
-writes bench/results/rastp_<dataset>[_<hand-run hash>].json.
+`--also keep_ratio=0.5` trains a further pruned variant beside `off` and `on` (its `tiger.rastp` fields changed from
+`on`'s; repeatable). All models start from the same weights (same seed), see the same batches in the same order with
+the same optimizer and schedule (params `train`), and their steps are interleaved one by one so that machine load hits
+them alike. Then all are scored with the same beam search on the same users' validation targets (the split on which to
+choose between pruning settings) and test targets; each pruned model also on test with the other `tiger.rastp.at_eval`
+(pruning at test time or not). Training runs in `trainer.precision` as the train stage resolves it (`auto`:
+bf16-mixed where the device has bf16, else 32-true; scoring in fp32). Prints a table and writes
+bench/results/rastp_<dataset>[_<hand-run hash>][_also_<variants>].json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from rastp import config
@@ -38,8 +41,13 @@ from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_o
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eval-users", type=int, default=3000, help="test users scored (a fixed random subset; 0: all)")
+    ap.add_argument("--eval-users", type=int, default=3000,
+                    help="users scored on validation and test (a fixed random subset; 0: all)")
+    ap.add_argument("--also", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                    help="a further pruned variant: tiger.rastp fields changed from `on`'s, e.g. keep_ratio=0.5 "
+                         "(repeatable)")
     args, stage_args = ap.parse_known_args(argv)
+    also = {f"on[{spec}]": rastp_changes(spec) for spec in args.also}
     cfg, paths = config.load(stage_args)
     params = config.to_dict(cfg)
     seed, tiger_cfg, train_cfg = params["seed"], params["tiger"], params["train"]
@@ -63,19 +71,20 @@ def main(argv: list[str]) -> None:
     batches = iter(loader)
     catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
 
-    variants = {"off": False, "on": True}
+    kwargs = model_kwargs(tiger_cfg, vocab)
+    variants = {"off": {**kwargs["rastp"], "enabled": False}, "on": {**kwargs["rastp"], "enabled": True}}
+    variants.update({name: {**variants["on"], **changes} for name, changes in also.items()})
     models, optimizers, seconds = {}, {}, dict.fromkeys(variants, 0.0)
-    for name, enabled in variants.items():
+    for name, rastp in variants.items():
         torch.manual_seed(seed)
-        kwargs = model_kwargs(tiger_cfg, vocab)
-        models[name] = Tiger(**{**kwargs, "rastp": RastpConfig(**{**kwargs["rastp"], "enabled": enabled})}).to(device)
+        models[name] = Tiger(**{**kwargs, "rastp": RastpConfig(**rastp)}).to(device)
         optimizers[name] = make_optimizer(models[name], train_cfg["optimizer"], lr=train_cfg["lr"],
                                           weight_decay=train_cfg["weight_decay"],
                                           warmup_steps=train_cfg["warmup_steps"], total_steps=steps,
                                           schedule=train_cfg["schedule"])
     print(f"[bench] {paths.dataset}: {len(train)} training examples, {steps} steps of {train_cfg['batch_size']}, "
           f"{device}, {precision}, {torch.get_num_threads()} threads, "
-          f"pruning of the `on` variant: {tiger_cfg['rastp']}", flush=True)
+          f"pruning of the `on` variant: {tiger_cfg['rastp']}; further variants: {args.also}", flush=True)
     for step in range(steps):
         try:
             batch = next(batches)
@@ -99,42 +108,68 @@ def main(argv: list[str]) -> None:
         if (step + 1) % 25 == 0:
             print(f"[bench] step {step + 1}: " + ", ".join(f"{n} {s:.0f}s" for n, s in seconds.items()), flush=True)
 
-    test = make_examples(sequences, "test", tiger_cfg["max_history"])
-    if args.eval_users and args.eval_users < len(test):
-        picked = np.random.default_rng(seed).choice(len(test), args.eval_users, replace=False)
-        test = [test[i] for i in sorted(picked)]
-    test_data = SequenceBatches(test, item_tokens, vocab)
-    # The pruned model is also scored with the other `at_eval`: does pruning at test time match its training?
-    at_eval = bool(tiger_cfg["rastp"]["at_eval"])
-    scored = {"off": ("off", at_eval), "on": ("on", at_eval), f"on_at_eval_{str(not at_eval).lower()}": ("on", not at_eval)}
-    quality = {}
-    for key, (name, prune_at_test) in scored.items():
-        model = models[name]
-        model.rastp = dataclasses.replace(model.rastp, at_eval=prune_at_test)
-        ranked, targets, _ = rank_examples(model, test_data, catalogue, beam_size=params["evaluate"]["beam_size"],
+    # The same users for validation and test (one example each): a fixed random subset, or all.
+    users = np.arange(len(sequences))
+    if args.eval_users and args.eval_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(len(users), args.eval_users, replace=False))
+    splits = {}
+    for split in ("valid", "test"):
+        examples = make_examples(sequences, split, tiger_cfg["max_history"])
+        splits[split] = SequenceBatches([examples[u] for u in users], item_tokens, vocab)
+
+    def score(model: Tiger, split: str, prune_at_eval: bool) -> dict[str, float]:
+        model.rastp = dataclasses.replace(model.rastp, at_eval=prune_at_eval)
+        ranked, targets, _ = rank_examples(model, splits[split], catalogue, beam_size=params["evaluate"]["beam_size"],
                                            batch_size=params["evaluate"]["batch_size"], top_k=10,
                                            exclude_seen=params["evaluate"]["exclude_seen"], device=device)
-        quality[key] = {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
+        return {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
+
+    # Every model on validation and test as it was trained; each pruned one also on test with the other `at_eval`
+    # (does pruning at test time match its training?).
+    scored = {}
+    for name, rastp in variants.items():
+        scored[name] = (name, rastp["at_eval"])
+        if rastp["enabled"]:
+            scored[f"{name}_at_eval_{str(not rastp['at_eval']).lower()}"] = (name, not rastp["at_eval"])
+    validation = {name: score(models[name], "valid", rastp["at_eval"]) for name, rastp in variants.items()}
+    quality = {key: score(models[name], "test", prune_at_eval) for key, (name, prune_at_eval) in scored.items()}
 
     examples = steps * train_cfg["batch_size"]
     result = {
         "args": stage_args, "dataset": paths.dataset, "steps": steps, "batch_size": train_cfg["batch_size"],
-        "eval_users": len(test), "exclude_seen": params["evaluate"]["exclude_seen"],
+        "eval_users": len(users), "exclude_seen": params["evaluate"]["exclude_seen"],
         "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "rastp_on": {**tiger_cfg["rastp"], "enabled": True},  # the `on` variant; `off` is the same model unpruned
+        "rastp_on": variants["on"],  # `off` is the same model unpruned
+        "rastp_also": {name: rastp for name, rastp in variants.items() if name not in ("off", "on")},
         "train_seconds": {n: round(s, 1) for n, s in seconds.items()},
         "examples_per_s": {n: round(examples / s, 1) for n, s in seconds.items()},
         "speedup": round(seconds["off"] / seconds["on"], 3),
+        "speedups": {n: round(seconds["off"] / s, 3) for n, s in seconds.items() if n != "off"},
+        "valid": validation,
         "test": quality,
     }
-    write_json(f"bench/results/rastp_{paths.result_name()}.json", result)
-    print("\n| pruning | train s | examples/s | R@5 | N@5 | R@10 | N@10 |\n|---|---|---|---|---|---|---|")
-    for key, (name, _) in scored.items():
-        q = quality[key]
-        print(f"| {key} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} "
-              f"| {q['recall@10']:.4f} | {q['ndcg@10']:.4f} |")
-    print(f"speed-up (off / on wall time): {result['speedup']:.2f}x")
+    suffix = "".join("_also_" + spec.replace("=", "-").replace(",", "_") for spec in args.also)
+    write_json(f"bench/results/rastp_{paths.result_name()}{suffix}.json", result)
+    print("\n| pruning | train s | examples/s | speed-up | val R@10 | val N@10 | R@5 | N@5 | R@10 | N@10 |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for key, (name, prune_at_eval) in scored.items():
+        q, v = quality[key], validation[name]
+        val = f"{v['recall@10']:.4f} | {v['ndcg@10']:.4f}" if prune_at_eval == variants[name]["at_eval"] else " | "
+        print(f"| {key} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {seconds['off'] / seconds[name]:.2f}x "
+              f"| {val} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} | {q['recall@10']:.4f} | {q['ndcg@10']:.4f} |")
+
+
+def rastp_changes(spec: str) -> dict:
+    """`keep_ratio=0.5,prune_layer=3` -> {"keep_ratio": 0.5, "prune_layer": 3}, fields of `RastpConfig` only."""
+    fields = {f.name for f in dataclasses.fields(RastpConfig)} - {"enabled"}
+    changes = {}
+    for item in spec.split(","):
+        field, sep, value = item.partition("=")
+        if not sep or field.strip() not in fields:
+            raise config.ConfigError(f"--also {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
+        changes[field.strip()] = yaml.safe_load(value)
+    return changes
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ def test_config_validation():
         RastpConfig(keep_ratio=0.0)
     with pytest.raises(ValueError, match="prune_layer"):
         make_model(prune_layer=4)
+    with pytest.raises(ValueError, match="keep_ratio_of"):
+        RastpConfig(keep_ratio_of="batch")
+    with pytest.raises(ValueError, match="max_length needs the model's max_input_length"):
+        make_model(enabled=True, keep_ratio_of="max_length")
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -124,6 +128,36 @@ def test_select_tokens_keeps_top_k_real_tokens_in_order():
             top = real[importance[row, real].topk(count).indices].sort().values
             assert torch.equal(index[row, :count], top)  # the top-k, in original order
             assert kept[row, :count].all() and not kept[row, count:].any()
+
+
+def test_select_tokens_with_a_max_length_budget_prunes_only_the_longer_rows():
+    _, mask, _ = make_batch()  # 13, 9, 4, 1 and 12 real tokens
+    importance = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    importance[mask == 0] = 100.0
+    index, kept = select_tokens(importance, mask, 0.3, max_length=20)  # a budget of ceil(0.3 * 20) = 6 tokens
+    counts = [6, 6, 4, 1, 6]
+    assert index.shape == kept.shape == (5, 6)
+    for row, count in enumerate(counts):
+        real = mask[row].nonzero().flatten()
+        top = real[importance[row, real].topk(count).indices].sort().values
+        assert torch.equal(index[row, :count], top)  # rows 2 and 3 keep all their real tokens
+        assert kept[row, :count].all() and not kept[row, count:].any()
+
+
+def test_a_row_within_the_max_length_budget_is_not_pruned():
+    """keep_ratio_of=max_length: a history no longer than the budget keeps every token and gets the unpruned model's
+    encoding; a longer one is cut to the budget."""
+    input_ids, mask, _ = make_batch()  # 13, 9, 4, 1 and 12 real tokens
+    torch.manual_seed(0)
+    pruned = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, num_layers=3, num_decoder_layers=2, d_model=32,
+                   num_heads=4, d_kv=8, d_ff=64, dropout=0.0, max_input_length=16,
+                   rastp={"enabled": True, "prune_layer": 1, "keep_ratio": 0.5, "keep_ratio_of": "max_length"})
+    unpruned = make_model().eval()
+    hidden, out_mask = pruned.eval().encode(input_ids, mask)
+    assert out_mask.sum(dim=1).tolist() == [8, 8, 4, 1, 8]
+    reference = unpruned.encode(input_ids, mask)[0]
+    for row in (2, 3):
+        torch.testing.assert_close(hidden[row][out_mask[row] == 1], reference[row][mask[row] == 1])
 
 
 @pytest.mark.parametrize("score", ["rastp", "norm", "attention", "random"])

@@ -139,6 +139,7 @@ class RastpParams:
     enabled: bool = MISSING
     prune_layer: int = MISSING
     keep_ratio: float = MISSING
+    keep_ratio_of: str = MISSING
     score: str = MISSING
     at_eval: bool = MISSING
     keep_positions: bool = MISSING

@@ -26,6 +26,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from rastp.config import ConfigError
 
 SCORES = ("rastp", "norm", "attention", "random")
+KEEP_RATIO_OF = ("row", "max_length")
 
 
 @dataclass
@@ -34,7 +35,11 @@ class RastpConfig:
 
     enabled: bool = False
     prune_layer: int = 2  # prune after this encoder block (1-based)
-    keep_ratio: float = 0.34  # a row keeps ceil(keep_ratio * its real tokens), at least 1
+    keep_ratio: float = 0.34
+    # row: a row keeps ceil(keep_ratio * its real tokens), at least 1. max_length: a row keeps at most
+    # ceil(keep_ratio * max_input_length) tokens, a shorter row all of them (the published code: a third of its fixed
+    # padded length).
+    keep_ratio_of: str = "row"
     score: str = "rastp"  # rastp | norm | attention | random
     at_eval: bool = True  # also prune in eval mode (validation/test), as in training
     keep_positions: bool = True  # later blocks see the kept tokens' original relative positions
@@ -44,6 +49,8 @@ class RastpConfig:
             raise ConfigError(f"tiger.rastp.score: {self.score!r} is not one of {SCORES}")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ConfigError(f"tiger.rastp.keep_ratio: {self.keep_ratio} is not in (0, 1]")
+        if self.keep_ratio_of not in KEEP_RATIO_OF:
+            raise ConfigError(f"tiger.rastp.keep_ratio_of: {self.keep_ratio_of!r} is not one of {KEEP_RATIO_OF}")
 
 
 def packed_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -133,18 +140,20 @@ def token_importance(score: str, hidden_states: torch.Tensor, attention_mask: to
     return received if score == "attention" else received * norm
 
 
-def select_tokens(importance: torch.Tensor, attention_mask: torch.Tensor,
-                  keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tokens(importance: torch.Tensor, attention_mask: torch.Tensor, keep_ratio: float,
+                  max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [B, K] of the tokens to keep, in their original order, and their mask [B, K].
 
-    Row b keeps its k_b = max(1, ceil(keep_ratio * n_b)) most important real tokens (n_b real tokens). K is the
-    largest k_b of the batch; a row with k_b < K is filled up with masked tokens. Padding is never kept (every row
-    needs a real token: TIGER's user token at least).
+    Row b keeps its k_b = max(1, ceil(keep_ratio * n_b)) most important real tokens (n_b real tokens); given
+    `max_length`, k_b = min(n_b, ceil(keep_ratio * max_length)): one budget for every row, which a shorter row keeps
+    whole. K is the largest k_b of the batch; a row with k_b < K is filled up with masked tokens. Padding is never kept
+    (every row needs a real token: TIGER's user token at least).
     """
     real = attention_mask.bool()
     num_real = real.sum(dim=1)
+    length = num_real if max_length is None else torch.full_like(num_real, max_length)
     # In float64 with a tolerance, so that e.g. 0.1 * 30 keeps 3 tokens, not ceil(3.0000000000000004) = 4.
-    num_keep = torch.ceil(num_real.double() * keep_ratio - 1e-9).long().clamp(min=1)
+    num_keep = torch.minimum(torch.ceil(length.double() * keep_ratio - 1e-9).long(), num_real).clamp(min=1)
     width = int(num_keep.max())
     importance = importance.masked_fill(~real, float("-inf"))
     ranked = importance.topk(width, dim=1).indices  # most important first
@@ -164,15 +173,18 @@ class Tiger(nn.Module):
     def __init__(self, *, vocab_size: int, sid_length: int, num_layers: int = 4, num_decoder_layers: int = 4,
                  d_model: int = 128, num_heads: int = 6, d_kv: int = 64, d_ff: int = 1024, dropout: float = 0.1,
                  tie_embeddings: bool = True, packed_dropout: bool = True, catalogue_softmax: bool = False,
-                 rastp: RastpConfig | Mapping | None = None):
+                 rastp: RastpConfig | Mapping | None = None, max_input_length: int | None = None):
         super().__init__()
         self.sid_length = sid_length
+        self.max_input_length = max_input_length  # the longest history in tokens (`keep_ratio_of: max_length`)
         # Each SID token's softmax over the tokens the catalogue allows after its prefix (training and beam search)
         # rather than over the whole vocabulary: p(item | history) is then a distribution over the catalogue.
         self.catalogue_softmax = catalogue_softmax
         self.rastp = rastp if isinstance(rastp, RastpConfig) else RastpConfig(**(rastp or {}))
         if not 1 <= self.rastp.prune_layer <= num_layers:
             raise ConfigError(f"tiger.rastp.prune_layer: {self.rastp.prune_layer} is not in 1..{num_layers}")
+        if self.rastp.keep_ratio_of == "max_length" and max_input_length is None:
+            raise ConfigError("tiger.rastp.keep_ratio_of: max_length needs the model's max_input_length")
         config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
                           num_decoder_layers=num_decoder_layers, num_heads=num_heads, dropout_rate=dropout,
                           feed_forward_proj="relu", pad_token_id=0, decoder_start_token_id=0, eos_token_id=None)
@@ -233,7 +245,8 @@ class Tiger(nn.Module):
         with torch.no_grad():  # the selection is discrete: no gradient flows through the scores
             importance = token_importance(self.rastp.score, hidden_states, attention_mask, attention_probs,
                                           self.generator)
-            index, kept = select_tokens(importance, attention_mask, self.rastp.keep_ratio)
+            max_length = self.max_input_length if self.rastp.keep_ratio_of == "max_length" else None
+            index, kept = select_tokens(importance, attention_mask, self.rastp.keep_ratio, max_length)
         hidden_states = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
         if self.rastp.keep_positions:
             position_bias = self.relative_position_bias(index)  # index = the kept tokens' original positions

@@ -149,8 +149,9 @@ def model_kwargs(tiger_cfg: Mapping, vocab: SidVocabulary) -> dict:
     """Tiger constructor arguments from the `tiger` params."""
     keys = ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff", "dropout", "tie_embeddings",
             "packed_dropout", "catalogue_softmax")
+    max_input_length = len(vocab.user_token(0)) + int(tiger_cfg["max_history"]) * vocab.sid_length
     return {"vocab_size": vocab.size, "sid_length": vocab.sid_length, **{k: tiger_cfg[k] for k in keys},
-            "rastp": dict(tiger_cfg["rastp"])}
+            "rastp": dict(tiger_cfg["rastp"]), "max_input_length": max_input_length}
 
 
 def next_sid_loss(model: Tiger, batch: dict, catalogue: SidCatalogue) -> torch.Tensor:
