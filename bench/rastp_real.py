@@ -1,4 +1,4 @@
-"""RASTP on real data: training speed and test quality, pruning off vs on, side by side (not a test).
+"""RASTP on real data: training speed, validation and test quality, pruning off vs on (and variants), side by side.
 
     python bench/rastp_real.py dataset=beauty train.max_steps=3000 [other overrides] [--eval-users 3000]
 
