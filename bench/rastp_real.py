@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from rastp import config
@@ -161,15 +160,13 @@ def main(argv: list[str]) -> None:
 
 
 def rastp_changes(spec: str) -> dict:
-    """`keep_ratio=0.5,prune_layer=3` -> {"keep_ratio": 0.5, "prune_layer": 3}, fields of `RastpConfig` only."""
-    fields = {f.name for f in dataclasses.fields(RastpConfig)} - {"enabled"}
-    changes = {}
-    for item in spec.split(","):
-        field, sep, value = item.partition("=")
-        if not sep or field.strip() not in fields:
-            raise config.ConfigError(f"--also {spec!r}: {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
-        changes[field.strip()] = yaml.safe_load(value)
-    return changes
+    """`keep_ratio=0.5,prune_layer=3` -> {"keep_ratio": 0.5, "prune_layer": 3}: `tiger.rastp` overrides, parsed and
+    type-checked against params.yaml's schema as any other override."""
+    fields = [item.partition("=")[0].strip() for item in spec.split(",")]
+    if "enabled" in fields:
+        raise config.ConfigError(f"--also {spec!r}: a further variant is pruned; `enabled` is not one of its fields")
+    rastp = config.compose_params([f"tiger.rastp.{item.strip()}" for item in spec.split(",")]).tiger.rastp
+    return {field: rastp[field] for field in fields}
 
 
 if __name__ == "__main__":
