@@ -66,7 +66,8 @@ def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
                                           "dropout", "tie_embeddings")}
     rastp = {**tiger_params["rastp"], "enabled": variant == "rastp"}
     torch.manual_seed(seed)
-    model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp, max_input_length=1 + HISTORY * SID_LENGTH,
+    model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, **sizes, rastp=rastp,
+                  max_input_length=1 + HISTORY * SID_LENGTH,  # a user token and HISTORY items
                   packed_dropout=variant not in ("stock", "tiger_torch_dropout"))
     if variant in ("stock", "tiger_sdpa"):
         model.t5.set_attn_implementation("sdpa")
