@@ -148,7 +148,7 @@ def main(argv: list[str]) -> None:
         "valid": validation,
         "test": quality,
     }
-    suffix = "".join("_also_" + spec.replace("=", "-").replace(",", "_") for spec in args.also)
+    suffix = "".join("_also_" + "".join(spec.split()).replace("=", "-").replace(",", "_") for spec in args.also)
     write_json(f"bench/results/rastp_{paths.result_name()}{suffix}.json", result)
     print("\n| pruning | train s | examples/s | speed-up | val R@10 | val N@10 | R@5 | N@5 | R@10 | N@10 |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
