@@ -11,7 +11,8 @@ the same optimizer and schedule (params `train`), and their steps are interleave
 them alike. Then all are scored with the same beam search on the same users' validation targets (the split on which to
 choose between pruning settings) and test targets; each pruned model also on test with the other `tiger.rastp.at_eval`
 (pruning at test time or not). Training runs in `trainer.precision` as the train stage resolves it (`auto`:
-bf16-mixed where the device has bf16, else 32-true; scoring in fp32). Prints a table and writes
+bf16-mixed where the device has bf16, else 32-true; scoring in fp32). Prints a table, with each model's difference
+from `off` on the same users and the standard error of that paired difference, and writes
 bench/results/rastp_<dataset>[_<hand-run hash>][_also_<variants>].json.
 """
 
@@ -31,7 +32,7 @@ from rastp import config
 from rastp.beam_search import SidCatalogue
 from rastp.cli import run_stage
 from rastp.data import load_prepared
-from rastp.evaluation import rank_examples, ranking_metrics
+from rastp.evaluation import per_user_metrics, rank_examples, standard_errors
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
 from rastp.hardware import resolve_precision, trainer_device
@@ -116,12 +117,12 @@ def main(argv: list[str]) -> None:
         examples = make_examples(sequences, split, tiger_cfg["max_history"])
         splits[split] = SequenceBatches([examples[u] for u in users], item_tokens, vocab)
 
-    def score(model: Tiger, split: str, prune_at_eval: bool) -> dict[str, float]:
+    def score(model: Tiger, split: str, prune_at_eval: bool) -> dict[str, torch.Tensor]:
         model.rastp = dataclasses.replace(model.rastp, at_eval=prune_at_eval)
         ranked, targets, _ = rank_examples(model, splits[split], catalogue, beam_size=params["evaluate"]["beam_size"],
                                            batch_size=params["evaluate"]["batch_size"], top_k=10,
                                            exclude_seen=params["evaluate"]["exclude_seen"], device=device)
-        return {k: round(float(v), 5) for k, v in ranking_metrics(ranked, targets, ks=(5, 10)).items()}
+        return per_user_metrics(ranked.cpu(), targets.cpu(), ks=(5, 10))
 
     # Every model on validation and test as it was trained; each pruned one also on test with the other `at_eval`
     # (does pruning at test time match its training?).
@@ -130,8 +131,16 @@ def main(argv: list[str]) -> None:
         scored[name] = (name, rastp["at_eval"])
         if rastp["enabled"]:
             scored[f"{name}_at_eval_{str(not rastp['at_eval']).lower()}"] = (name, not rastp["at_eval"])
-    validation = {name: score(models[name], "valid", rastp["at_eval"]) for name, rastp in variants.items()}
-    quality = {key: score(models[name], "test", prune_at_eval) for key, (name, prune_at_eval) in scored.items()}
+    valid_per_user = {name: score(models[name], "valid", rastp["at_eval"]) for name, rastp in variants.items()}
+    test_per_user = {key: score(models[name], "test", prune_at_eval) for key, (name, prune_at_eval) in scored.items()}
+    validation = {name: means(per_user) for name, per_user in valid_per_user.items()}
+    quality = {key: means(per_user) for key, per_user in test_per_user.items()}
+    # Every model scores the same users, so a difference from `off` is judged by the spread of the per-user
+    # differences (a paired standard error), far tighter than either mean's own.
+    valid_minus_off = {name: minus(per_user, valid_per_user["off"])
+                       for name, per_user in valid_per_user.items() if name != "off"}
+    test_minus_off = {key: minus(per_user, test_per_user["off"])
+                      for key, per_user in test_per_user.items() if key != "off"}
 
     examples = steps * train_cfg["batch_size"]
     result = {
@@ -147,16 +156,41 @@ def main(argv: list[str]) -> None:
         "speedups": {n: round(seconds["off"] / s, 3) for n, s in seconds.items() if n != "off"},
         "valid": validation,
         "test": quality,
+        "valid_minus_off": valid_minus_off,
+        "test_minus_off": test_minus_off,
     }
     suffix = "".join("_also_" + "".join(spec.split()).replace("=", "-").replace(",", "_") for spec in args.also)
     write_json(f"bench/results/rastp_{paths.result_name()}{suffix}.json", result)
-    print("\n| pruning | train s | examples/s | speed-up | val R@10 | val N@10 | R@5 | N@5 | R@10 | N@10 |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| pruning | train s | examples/s | speed-up | val R@10 | val N@10 | val N@10 - off | R@5 | N@5 | R@10 "
+          "| N@10 | N@10 - off |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, (name, prune_at_eval) in scored.items():
         q, v = quality[key], validation[name]
-        val = f"{v['recall@10']:.4f} | {v['ndcg@10']:.4f}" if prune_at_eval == variants[name]["at_eval"] else " | "
+        val = " | | "
+        if prune_at_eval == variants[name]["at_eval"]:
+            val = f"{v['recall@10']:.4f} | {v['ndcg@10']:.4f} | {difference(valid_minus_off.get(name))}"
         print(f"| {key} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {seconds['off'] / seconds[name]:.2f}x "
-              f"| {val} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} | {q['recall@10']:.4f} | {q['ndcg@10']:.4f} |")
+              f"| {val} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} | {q['recall@10']:.4f} | {q['ndcg@10']:.4f} "
+              f"| {difference(test_minus_off.get(key))} |")
+
+
+def means(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: round(float(values.mean()), 5) for name, values in per_user.items()}
+
+
+def minus(per_user: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Each metric's mean per-user difference from `reference` (the same users) and its standard error."""
+    differences = {name: per_user[name] - reference[name] for name in per_user}
+    errors = standard_errors(differences)
+    return {name: {"mean": round(float(values.mean()), 5), "standard_error": errors[name]}
+            for name, values in differences.items()}
+
+
+def difference(minus_off: dict | None) -> str:
+    """NDCG@10's difference from `off`, `+0.0002 ± 0.0003` (blank for `off` itself)."""
+    if minus_off is None:
+        return ""
+    ndcg = minus_off["ndcg@10"]
+    return f"{ndcg['mean']:+.4f} ± {ndcg['standard_error'] or 0:.4f}"
 
 
 def rastp_changes(spec: str) -> dict:
