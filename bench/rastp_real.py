@@ -13,7 +13,10 @@ choose between pruning settings) and test targets; each pruned model also on tes
 (pruning at test time or not). Training runs in `trainer.precision` as the train stage resolves it (`auto`:
 bf16-mixed where the device has bf16, else 32-true; scoring in fp32). Prints a table, with each model's difference
 from `off` on the same users and the standard error of that paired difference, and writes
-bench/results/rastp_<dataset>[_<hand-run hash>][_also_<variants>].json.
+bench/results/rastp_<dataset>[_<hand-run hash>][_malloc_defaults][_also_<variants>].json, with the process's page
+faults, kernel time and peak memory. Like every stage, it keeps freed CPU memory for reuse
+(`rastp.hardware.keep_freed_memory_for_reuse`); `RASTP_GLIBC_MALLOC_DEFAULTS=1` runs it on glibc's defaults instead
+(the `_malloc_defaults` file).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import resource
 import time
 
 import numpy as np
@@ -35,7 +39,7 @@ from rastp.data import load_prepared
 from rastp.evaluation import per_user_metrics, rank_examples, standard_errors
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
-from rastp.hardware import resolve_precision, trainer_device
+from rastp.hardware import keep_freed_memory_for_reuse, resolve_precision, trainer_device
 from rastp.training import SequenceBatches, SidVocabulary, make_examples, make_optimizer, model_kwargs, next_sid_loss
 
 
@@ -47,6 +51,7 @@ def main(argv: list[str]) -> None:
                     help="a further pruned variant: tiger.rastp fields changed from `on`'s, e.g. keep_ratio=0.5 "
                          "(repeatable)")
     args, stage_args = ap.parse_known_args(argv)
+    kept_freed_memory = keep_freed_memory_for_reuse()  # run_stage has applied it already: this reads whether it took
     also = {f"on[{spec}]": rastp_changes(spec) for spec in args.also}
     cfg, paths = config.load(stage_args)
     params = config.to_dict(cfg)
@@ -158,8 +163,10 @@ def main(argv: list[str]) -> None:
         "test": quality,
         "valid_minus_off": valid_minus_off,
         "test_minus_off": test_minus_off,
+        "process": process_figures(kept_freed_memory),
     }
-    suffix = "".join("_also_" + "".join(spec.split()).replace("=", "-").replace(",", "_") for spec in args.also)
+    suffix = ("" if kept_freed_memory else "_malloc_defaults") + "".join(
+        "_also_" + "".join(spec.split()).replace("=", "-").replace(",", "_") for spec in args.also)
     write_json(f"bench/results/rastp_{paths.result_name()}{suffix}.json", result)
     print("\n| pruning | train s | examples/s | speed-up | val R@10 | val N@10 | val N@10 - off | R@5 | N@5 | R@10 "
           "| N@10 | N@10 - off |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -171,6 +178,15 @@ def main(argv: list[str]) -> None:
         print(f"| {key} | {seconds[name]:.0f} | {examples / seconds[name]:.1f} | {seconds['off'] / seconds[name]:.2f}x "
               f"| {val} | {q['recall@5']:.4f} | {q['ndcg@5']:.4f} | {q['recall@10']:.4f} | {q['ndcg@10']:.4f} "
               f"| {difference(test_minus_off.get(key))} |")
+
+
+def process_figures(kept_freed_memory: bool) -> dict:
+    """The whole run's CPU memory traffic (training and scoring): the allocator's setting, the page faults, the
+    kernel's time and the peak resident memory."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"keep_freed_memory_for_reuse": kept_freed_memory, "minor_page_faults": usage.ru_minflt,
+            "system_s": round(usage.ru_stime, 1), "user_s": round(usage.ru_utime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024)}  # ru_maxrss: KiB on Linux
 
 
 def means(per_user: dict[str, torch.Tensor]) -> dict[str, float]:

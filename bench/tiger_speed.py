@@ -13,6 +13,8 @@ after 1 user token, batch 256: the shapes of Beauty, no signal. Everything runs 
    Also stock T5, Tiger and RASTP under bf16 autocast (`trainer.precision=bf16-mixed`) against fp32, on CPU or GPU
    alike, and in bf16 Tiger with transformers' SDPA attention vs its own (`tiger_attention`, which differs on CPU)
 4. peak memory of training and evaluation, each in a fresh process (CUDA: peak allocated; CPU: peak RSS increase)
+Like the stages, it keeps freed CPU memory for reuse (`rastp.hardware.keep_freed_memory_for_reuse`; recorded in the
+JSON); `RASTP_GLIBC_MALLOC_DEFAULTS=1` runs it on glibc's defaults.
 Prints a table and writes bench/results/tiger_speed.json.
 """
 
@@ -28,6 +30,7 @@ import torch
 import yaml
 
 from rastp.beam_search import SidCatalogue, beam_search
+from rastp.hardware import keep_freed_memory_for_reuse
 from rastp.io import write_json
 from rastp.tiger import Tiger
 
@@ -110,6 +113,7 @@ def timed(fn):
 
 def peak_memory_child(task: str, args: dict, queue) -> None:
     """One task in a fresh process, so that peak memory is its own."""
+    keep_freed_memory_for_reuse()  # as in main, and in the stages
     torch.set_num_threads(args["threads"])
     generator = torch.Generator().manual_seed(args["seed"])
     sid_tokens = synthetic_catalogue(generator)
@@ -172,6 +176,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a loaded machine)")
     ap.add_argument("--out", default="bench/results/tiger_speed.json")
     args = ap.parse_args()
+    kept_freed_memory = keep_freed_memory_for_reuse()  # as the stages do (rastp.cli.run_stage)
     if args.beam_size < 10:
         ap.error("--beam-size must be at least 10: generate returns one top-10 list per user from its beams")
     if args.threads:
@@ -249,10 +254,11 @@ def main() -> None:
         print(f"{name}: {value}")
 
     write_json(args.out, {"seed": seed, "dropout": args.dropout, "device": str(device),
-                          "threads": torch.get_num_threads(), "machine": platform.machine(), "batch_size": args.batch_size,
+                          "threads": torch.get_num_threads(), "machine": platform.machine(),
+                          "batch_size": args.batch_size,
                           "train_steps": args.train_steps, "rastp": rastp_cfg, "train": train,
                           "evaluation": evaluation, "peak_memory_mib": memory, "memory_unit": unit,
-                          "ratios": ratios})
+                          "ratios": ratios, "keep_freed_memory_for_reuse": kept_freed_memory})
     print(f"\nwrote {args.out}")
 
 

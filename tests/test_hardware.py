@@ -1,4 +1,11 @@
-"""Which device and precision the `trainer` params pick on a machine with or without a GPU and bf16."""
+"""Which device and precision the `trainer` params pick on a machine with or without a GPU and bf16; how the process
+takes its CPU memory."""
+
+import os
+import platform
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,3 +40,37 @@ def test_auto_precision_is_bf16_mixed_only_where_the_device_has_bf16(monkeypatch
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_precision("auto", accelerator) == expected
     assert resolve_precision("16-mixed", accelerator) == "16-mixed"  # an explicit choice is Lightning's
+
+
+# A fresh interpreter: calls keep_freed_memory_for_reuse() (or not: "default"), then mallocs, fills and frees 40 MiB
+# twice; prints whether the call took and the page faults of the second block.
+REALLOCATION = """
+import ctypes, resource, sys
+from rastp.hardware import keep_freed_memory_for_reuse
+took = sys.argv[1] == "call" and keep_freed_memory_for_reuse()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(40 * 2**20)
+    ctypes.memset(block, 1, 40 * 2**20)
+    libc.free(block)
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def reallocation(mode: str, **env: str) -> tuple[bool, int]:
+    out = subprocess.run([sys.executable, "-c", REALLOCATION, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_freed_memory_is_reused_without_page_faults_unless_glibcs_defaults_are_asked_for():
+    pages = 40 * 2**20 // resource.getpagesize()
+    _, faults = reallocation("default")
+    assert faults > 0.9 * pages  # glibc maps a block above 32 MiB afresh from the kernel each time
+    took, faults = reallocation("call")
+    assert took and faults < 0.05 * pages  # kept on the heap: the same pages serve again
+    took, faults = reallocation("call", RASTP_GLIBC_MALLOC_DEFAULTS="1")
+    assert not took and faults > 0.9 * pages

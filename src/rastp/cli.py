@@ -6,10 +6,12 @@ import sys
 from typing import Callable, Sequence
 
 from rastp.config import ConfigError
+from rastp.hardware import keep_freed_memory_for_reuse
 from rastp.io import DataError
 
 
 def run_stage(stage: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
+    keep_freed_memory_for_reuse()
     try:
         stage(sys.argv[1:] if argv is None else argv)
     except (ConfigError, DataError) as err:

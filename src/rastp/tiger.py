@@ -91,7 +91,7 @@ def tiger_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
       mask;
     - on CPU, bf16 with gradients (bf16-mixed training): SDPA's CPU kernels (the fused one for cross-attention, its
       math fallback where the position bias needs gradients) run their bf16 backward far slower than these matmuls;
-      TIGER's bf16 training steps run ~1.6x faster this way (README). In fp32 (and without gradients) SDPA is as fast
+      TIGER's bf16 training steps run ~1.4x faster this way (README). In fp32 (and without gradients) SDPA is as fast
       or faster, and stays.
 
     The masks are SDPA's: boolean (True: attend) or additive, or None with `is_causal` for causal self-attention.
