@@ -263,6 +263,16 @@ def test_same_seed_same_codes():
     np.testing.assert_array_equal(a.codes, b.codes)
 
 
+def test_codebook_trains_in_fp32_whatever_trainer_precision_says():
+    # trainer.precision is TIGER's: a bf16-mixed override used to reach the tokenizer and crash its dead-code reset.
+    x = clustered()
+    cfg = config(epochs=3, dead_code_steps=1)
+    fp32 = fit_codebook(x, cfg, seed=7, trainer=CPU)
+    bf16 = fit_codebook(x, cfg, seed=7, trainer={**CPU, "precision": "bf16-mixed"})
+    assert sum(row["reseeded"] for row in bf16.history if "reseeded" in row) > 0  # the reset that crashed ran
+    np.testing.assert_array_equal(bf16.codes, fp32.codes)
+
+
 # --------------------------------------------------------------------------- bad input, before any training
 
 @pytest.fixture

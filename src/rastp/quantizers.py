@@ -506,12 +506,13 @@ def _lightning_module(model: Tokenizer, init_data: torch.Tensor, seed: int):
 
 def _trainer_kwargs(trainer: Mapping | None) -> dict:
     trainer = dict(trainer or {})
-    devices, precision = trainer.get("devices", 1), trainer.get("precision", "32-true")
-    # The tokenizer is small: one device ("auto" on a multi-GPU machine would launch DDP), and fp32 for `auto` (it is
-    # fast either way, and its codes are nearest-distance choices that bf16 would blur).
+    devices = trainer.get("devices", 1)
+    # The tokenizer is small: one device ("auto" on a multi-GPU machine would launch DDP), and always fp32, whatever
+    # `trainer.precision` says for TIGER: it is fast either way, and its codes are nearest-distance choices that bf16
+    # would blur.
     return {"accelerator": trainer.get("accelerator", "auto"),
             "devices": 1 if devices in ("auto", -1) else devices,
-            "precision": "32-true" if precision == "auto" else precision}
+            "precision": "32-true"}
 
 
 def _train(model: Tokenizer, x: torch.Tensor, s: Settings, seed: int, trainer: Mapping | None) -> list[dict]:
