@@ -43,9 +43,10 @@ def keep_freed_memory_for_reuse() -> bool:
     By default glibc maps each block above a moving threshold (at most 32 MiB) straight from the OS and unmaps it when
     freed, and gives freed memory at the top of the heap back. A training step frees its activations and allocates
     them again in the next step, so the pages come back from the kernel zeroed, one page fault per 4 KiB, step after
-    step: on the README's 2-core CPU up to a third of an unpruned TIGER's training time at batch 256 ("Memory
-    allocator" in the README). Kept, they cost more peak memory, since the heap no longer shrinks between a step's
-    peaks (measured: 5-15% more when training, 1.8x for transformers' `generate`). Outputs do not change."""
+    step: on the README's 2-core CPU a sixth of an unpruned TIGER's training time at batch 256, two fifths with four
+    pruned models interleaved ("CPU memory" in the README). Kept, they cost more peak memory, since the heap no
+    longer shrinks between a step's peaks (measured: up to 15% more when training, 1.8x for transformers'
+    `generate`). Outputs do not change."""
     if platform.libc_ver()[0] != "glibc" or os.environ.get(MALLOC_DEFAULTS_ENV) == "1":
         return False
     mallopt = ctypes.CDLL(None).mallopt
