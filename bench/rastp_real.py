@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
         for name, model in models.items():
             optimizer, scheduler = optimizers[name]
             model.train()
+            model.set_training_progress(step / steps)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = next_sid_loss(model, batch, catalogue)

@@ -257,6 +257,21 @@ def test_pruning_only_at_eval_when_asked():
     assert model.encode(input_ids, mask)[0].shape[1] == max(num_keep(mask, 0.5))
 
 
+def test_pruning_stops_after_until_and_training_then_reads_whole_histories():
+    input_ids, mask, labels = make_batch()
+    model = make_model(enabled=True, keep_ratio=0.5, until=0.8).train()
+    unpruned = make_model(enabled=False).train()
+    pruned_width = max(num_keep(mask, 0.5))
+    for progress, width in ((0.0, pruned_width), (0.79, pruned_width), (0.8, 13), (0.95, 13)):
+        model.set_training_progress(progress)
+        assert model.encode(input_ids, mask)[0].shape[1] == width, progress
+    torch.testing.assert_close(model(input_ids, mask, labels), unpruned(input_ids, mask, labels))  # past `until`
+    model.eval()  # evaluation follows `at_eval` alone, wherever training stopped
+    assert model.encode(input_ids, mask)[0].shape[1] == pruned_width
+    with pytest.raises(ValueError, match="until"):
+        RastpConfig(until=1.5)
+
+
 def test_packed_dropout_drops_a_fraction_p_and_keeps_the_mean():
     x = torch.ones(400_000)
     torch.manual_seed(0)

@@ -1,11 +1,14 @@
 """How sequences become TIGER examples and token batches, and how the optimizer steps."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from rastp.config import ConfigError
-from rastp.training import PAD, SequenceBatches, SidVocabulary, make_examples, make_optimizer
+from rastp.training import (PAD, SequenceBatches, SequenceDataModule, SidVocabulary, TigerModule, make_examples,
+                            make_optimizer)
 
 
 def test_every_prefix_of_the_training_history_is_an_example():
@@ -81,3 +84,31 @@ def test_learning_rate_warms_up_then_decays_or_stays_and_unknown_choices_are_ref
     with pytest.raises(ConfigError, match="train.schedule: 'linear'"):
         make_optimizer(weights, "adamw", lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=10, schedule="linear")
 
+
+
+def test_lightning_training_prunes_the_first_until_of_its_steps():
+    import lightning as L
+
+    vocab = SidVocabulary(level_sizes=(4, 4), user_buckets=0)
+    item_tokens = vocab.item_tokens(np.array([[i % 4, i // 4] for i in range(16)]))
+    rng = np.random.default_rng(0)
+    data = SequenceDataModule([rng.permutation(16)[:8].tolist() for _ in range(12)], item_tokens, vocab,
+                              max_history=4, batch_size=4, eval_batch_size=4)
+    model = {"vocab_size": vocab.size, "sid_length": 2, "num_layers": 2, "num_decoder_layers": 1, "d_model": 16,
+             "num_heads": 2, "d_kv": 8, "d_ff": 32, "dropout": 0.0, "max_input_length": 8,
+             "rastp": {"enabled": True, "prune_layer": 1, "keep_ratio": 0.5, "keep_ratio_of": "row",
+                       "until": 0.75}}
+    module = TigerModule(model, item_tokens, optimizer="adafactor", lr=0.01, weight_decay=0.0, warmup_steps=0,
+                         schedule="cosine", val_beam_size=4)
+    longest, widths = [], []  # per step: the batch's longest history, the last encoder block's input width
+    module.model.t5.encoder.block[-1].register_forward_hook(lambda block, args, out: widths.append(args[0].shape[1]))
+
+    class LongestHistory(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            longest.append(int(batch["attention_mask"].sum(dim=1).max()))
+
+    L.Trainer(max_steps=8, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[LongestHistory()]).fit(module, datamodule=data)
+    # The first 6 of 8 steps keep half of each history (`row`: the widest keeps ceil(half its tokens)), the last 2 all
+    assert widths == [math.ceil(n / 2) for n in longest[:6]] + longest[6:]
+    assert len(widths) == 8 and all(n >= 2 for n in longest)

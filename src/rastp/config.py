@@ -143,6 +143,7 @@ class RastpParams:
     score: str = MISSING
     at_eval: bool = MISSING
     keep_positions: bool = MISSING
+    until: float = MISSING
 
 
 @dataclass

@@ -43,12 +43,17 @@ class RastpConfig:
     score: str = "rastp"  # rastp | norm | attention | random
     at_eval: bool = True  # also prune in eval mode (validation/test), as in training
     keep_positions: bool = True  # later blocks see the kept tokens' original relative positions
+    # Prune in the first `until` of the training steps; the rest train on whole histories (the final unpruned steps of
+    # token dropping, Hou et al., 2022), so that the later blocks also learn to read every token.
+    until: float = 1.0
 
     def __post_init__(self):
         if self.score not in SCORES:
             raise ConfigError(f"tiger.rastp.score: {self.score!r} is not one of {SCORES}")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ConfigError(f"tiger.rastp.keep_ratio: {self.keep_ratio} is not in (0, 1]")
+        if not 0.0 <= self.until <= 1.0:
+            raise ConfigError(f"tiger.rastp.until: {self.until} is not in [0, 1]")
         if self.keep_ratio_of not in KEEP_RATIO_OF:
             raise ConfigError(f"tiger.rastp.keep_ratio_of: {self.keep_ratio_of!r} is not one of {KEEP_RATIO_OF}")
 
@@ -204,11 +209,16 @@ class Tiger(nn.Module):
                         setattr(module, name, PackedDropout(child.p))
         # Seeds the `random` score; None uses torch's global generator.
         self.generator: torch.Generator | None = None
+        self.prunes_in_training = True  # false once training has passed `rastp.until` (`set_training_progress`)
+
+    def set_training_progress(self, fraction: float) -> None:
+        """Tell the model how far training is (steps done / all steps): past `rastp.until` it trains unpruned."""
+        self.prunes_in_training = fraction < self.rastp.until
 
     @property
     def prunes(self) -> bool:
         """Whether RASTP applies in the current mode."""
-        return self.rastp.enabled and (self.training or self.rastp.at_eval)
+        return self.rastp.enabled and (self.prunes_in_training if self.training else self.rastp.at_eval)
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder hidden states [B, T', d] and their mask [B, T'] (T' < T when RASTP prunes)."""

@@ -172,6 +172,7 @@ class TigerModule(L.LightningModule):
         self.catalogue = SidCatalogue(torch.from_numpy(item_tokens))
 
     def training_step(self, batch, batch_idx):
+        self.model.set_training_progress(self.global_step / self.trainer.estimated_stepping_batches)
         loss = next_sid_loss(self.model, batch, self.catalogue.to(self.device))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
         return loss
