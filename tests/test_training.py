@@ -2,6 +2,7 @@
 
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -85,10 +86,7 @@ def test_learning_rate_warms_up_then_decays_or_stays_and_unknown_choices_are_ref
         make_optimizer(weights, "adamw", lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=10, schedule="linear")
 
 
-
 def test_lightning_training_prunes_the_first_until_of_its_steps():
-    import lightning as L
-
     vocab = SidVocabulary(level_sizes=(4, 4), user_buckets=0)
     item_tokens = vocab.item_tokens(np.array([[i % 4, i // 4] for i in range(16)]))
     rng = np.random.default_rng(0)
