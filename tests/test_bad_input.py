@@ -91,3 +91,16 @@ def test_param_of_the_wrong_type(repo, monkeypatch, capsys):
     err = run_stage("prepare", "dataset=tiny", "tiger.rastp.enabled=maybe", monkeypatch=monkeypatch, capsys=capsys)
     assert "tiger.rastp.enabled: Value 'maybe' is not a valid bool" in err
     assert not (repo / "runs").exists() and not (repo / "data/prepared").exists()
+
+
+def test_bad_param_of_a_hand_run_leaves_no_empty_run_folders(repo, monkeypatch, capsys):
+    write_tiny_movielens(repo / "data/raw/tiny")
+    runpy.run_path(str(REPO / "stages/prepare.py"), run_name="not-main")["main"](["dataset=tiny"])
+    (repo / "data/codebook/tiny").mkdir(parents=True)
+    np.save(repo / "data/codebook/tiny/codes.npy", np.stack([np.arange(40) // 8, np.arange(40) % 8], axis=1))
+    runpy.run_path(str(REPO / "stages/sids.py"), run_name="not-main")["main"](["dataset=tiny"])
+    # the value is checked when the model is built, after the stage has made its output folders
+    err = run_stage("train", "dataset=tiny", "tiger.rastp.until=2", monkeypatch=monkeypatch, capsys=capsys)
+    assert "tiger.rastp.until: 2.0 is not in [0, 1]" in err
+    assert not (repo / "runs").exists()
+    assert (repo / "data/sids/tiny/sids.npy").exists()  # what was there before is left alone

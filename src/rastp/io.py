@@ -17,8 +17,13 @@ class DataError(ValueError):
 
 @contextmanager
 def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; move it into place only if the block succeeds."""
+    """Yield a temporary sibling of `path`; move it into place only if the block succeeds.
+
+    If the block fails, the folders made here to hold `path` are removed again where they are still empty, so that a
+    stage stopped by bad input leaves no empty output folders either.
+    """
     path = Path(path)
+    made_folders = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     target = tmp if directory else tmp / path.name
@@ -26,6 +31,7 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+    moved = False
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
@@ -33,8 +39,31 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
         elif path.exists() or path.is_symlink():
             path.unlink()
         os.replace(target, path)
+        moved = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not moved:
+            remove_empty_folders(made_folders)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty; stop at the first that holds something."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: another output lives there
+            return
 
 
 def write_json(path: str | Path, obj) -> None:
