@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import time
-from pathlib import Path
 
 import torch
 import yaml
 
-from rastp.beam_search import SidCatalogue, beam_search
-from rastp.hardware import keep_freed_memory_for_reuse
+from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
+from rastp.hardware import keep_freed_memory_for_reuse, peak_memory_mib, timed
 from rastp.io import write_json
 from rastp.tiger import Tiger
 
@@ -86,31 +84,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     optimizer.zero_grad(set_to_none=True)
 
 
-def generate_top_k(model: Tiger, batch: dict, catalogue: SidCatalogue, beam_size: int, top_k: int) -> torch.Tensor:
-    """Stock HF beam search constrained by the trie through prefix_allowed_tokens_fn; [B, top_k] item indices."""
-    sids = catalogue.sid_tokens.tolist()
-    allowed: dict[tuple, set] = {}
-    for sid in sids:
-        for level in range(SID_LENGTH):
-            allowed.setdefault(tuple(sid[:level]), set()).add(sid[level])
-    allowed_lists = {prefix: sorted(tokens) for prefix, tokens in allowed.items()}
-    item_of = {tuple(sid): item for item, sid in enumerate(sids)}
-    out = model.t5.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=beam_size,
-                            num_return_sequences=top_k, max_new_tokens=SID_LENGTH, min_new_tokens=SID_LENGTH,
-                            do_sample=False, length_penalty=0.0, early_stopping=True,
-                            prefix_allowed_tokens_fn=lambda _, sent: allowed_lists[tuple(sent[1:].tolist())])
-    return torch.tensor([item_of.get(tuple(row), -1) for row in out[:, 1:].tolist()]).view(-1, top_k)
-
-
-def timed(fn):
-    """(fn's result, seconds it took), waiting for the GPU where there is one."""
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
 def peak_memory_child(task: str, args: dict, queue) -> None:
     """One task in a fresh process, so that peak memory is its own."""
     keep_freed_memory_for_reuse()  # as in main, and in the stages
@@ -129,28 +102,13 @@ def peak_memory_child(task: str, args: dict, queue) -> None:
         catalogue = SidCatalogue(sid_tokens)
         run = {"beam": lambda: beam_search(model, batch["input_ids"], batch["attention_mask"], catalogue,
                                            beam_size=args["beam_size"], top_k=10),
-               "generate": lambda: generate_top_k(model, batch, catalogue, args["beam_size"], 10)}[variant]
-    if torch.cuda.is_available():
-        model.cuda()
-        batch = {k: v.cuda() for k, v in batch.items()}
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.inference_mode(kind == "eval"):
-            run()
-        queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
-    else:  # Linux: reset the process's peak RSS (VmHWM), then read it after the task
-        Path("/proc/self/clear_refs").write_text("5")
-        base = proc_status_mib("VmRSS")
-        with torch.inference_mode(kind == "eval"):
-            run()
-        queue.put(proc_status_mib("VmHWM") - base)
-
-
-def proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
+               "generate": lambda: generate_top_k(model, batch["input_ids"], batch["attention_mask"], catalogue,
+                                                  beam_size=args["beam_size"], top_k=10)}[variant]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.inference_mode(kind == "eval"):
+        queue.put(peak_memory_mib(run, device))
 
 
 def peak_memory(task: str, args: dict) -> float:
@@ -214,8 +172,8 @@ def main() -> None:
     with torch.inference_mode():
         ours, ours_s = timed(lambda: beam_search(model, users["input_ids"], users["attention_mask"], catalogue,
                                                  beam_size=args.beam_size, top_k=10))
-        hf_items, hf_s = timed(lambda: generate_top_k(model, users, catalogue, args.beam_size, 10))
-        hf_items = hf_items.to(device)
+        hf_items, hf_s = timed(lambda: generate_top_k(model, users["input_ids"], users["attention_mask"], catalogue,
+                                                      beam_size=args.beam_size, top_k=10))
     same_lists = int((ours.items == hf_items).all(dim=1).sum())
     same_sets = sum(set(a) == set(b) for a, b in zip(ours.items.tolist(), hf_items.tolist()))
     n_users = len(users["input_ids"])

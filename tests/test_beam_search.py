@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from rastp.beam_search import SidCatalogue, beam_search
+from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
 from rastp.tiger import Tiger
 
 # Token layout of the tests: 0 = pad/start, level l codes at 1 + 4 * l + code (4 codes per level), users above.
@@ -80,6 +80,22 @@ def test_full_beam_is_exact(options):
     assert torch.equal(result.items, expected_items)
     torch.testing.assert_close(result.scores, expected_scores)
     assert result.num_short == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"tie_embeddings": False},
+                                     {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
+@pytest.mark.parametrize("beam_size", [40, 5])
+def test_transformers_generate_finds_the_same_lists(options, beam_size):
+    """The stock `generate` (the evaluation benchmark's reference), constrained to the trie, on the same encoder states:
+    the same items in the same order, exact (beam as large as the catalogue) or not."""
+    catalogue = make_catalogue(40)
+    model = make_model(**options)
+    input_ids, mask = make_histories()
+    ours = beam_search(model, input_ids, mask, catalogue, beam_size=beam_size, top_k=5)
+    theirs = generate_top_k(model, input_ids, mask, catalogue, beam_size=beam_size, top_k=5)
+    assert torch.equal(theirs, ours.items) and (theirs >= 0).all()
+    if beam_size == len(catalogue):
+        assert torch.equal(theirs, exhaustive_scores(model, input_ids, mask, catalogue).topk(5).indices)
 
 
 def test_narrow_beam_returns_valid_items_with_true_scores():

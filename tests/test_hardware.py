@@ -1,5 +1,5 @@
 """Which device and precision the `trainer` params pick on a machine with or without a GPU and bf16; how the process
-takes its CPU memory."""
+takes its CPU memory; how the benchmarks measure peak memory."""
 
 import os
 import platform
@@ -74,3 +74,19 @@ def test_freed_memory_is_reused_without_page_faults_unless_glibcs_defaults_are_a
     assert took and faults < 0.05 * pages  # kept on the heap: the same pages serve again
     took, faults = reallocation("call", RASTP_GLIBC_MALLOC_DEFAULTS="1")
     assert not took and faults > 0.9 * pages
+
+
+# A fresh interpreter: the peak memory of filling a float32 tensor of the given MiB (0: doing nothing).
+PEAK = """
+import sys, torch
+from rastp.hardware import peak_memory_mib
+mib = int(sys.argv[1])
+print(peak_memory_mib(lambda: torch.ones(mib * 2**18) if mib else None, torch.device("cpu")))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the peak resident set of /proc/self")
+def test_peak_memory_is_what_the_task_adds_to_the_process():
+    peak = {mib: float(subprocess.run([sys.executable, "-c", PEAK, str(mib)], capture_output=True, text=True,
+                                      check=True).stdout) for mib in (0, 64)}
+    assert peak[0] < 4 and 62 < peak[64] < 72

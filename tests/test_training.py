@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from rastp.beam_search import SidCatalogue, beam_search
 from rastp.config import ConfigError
-from rastp.training import (PAD, SequenceBatches, SequenceDataModule, SidVocabulary, TigerModule, make_examples,
-                            make_optimizer)
+from rastp.evaluation import rank_examples
+from rastp.training import (PAD, SequenceBatches, SequenceDataModule, SidVocabulary, TigerModule, ValidateLastStep,
+                            length_order, make_examples, make_optimizer)
 
 
 def test_every_prefix_of_the_training_history_is_an_example():
@@ -86,18 +88,40 @@ def test_learning_rate_warms_up_then_decays_or_stays_and_unknown_choices_are_ref
         make_optimizer(weights, "adamw", lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=10, schedule="linear")
 
 
-def test_lightning_training_prunes_the_first_until_of_its_steps():
+def tiny_lightning_setup(rastp: dict) -> tuple[TigerModule, SequenceDataModule]:
+    """A TIGER of a few weights on 12 users of 16 items (8 batches of 4 per epoch), with the given `tiger.rastp`."""
     vocab = SidVocabulary(level_sizes=(4, 4), user_buckets=0)
     item_tokens = vocab.item_tokens(np.array([[i % 4, i // 4] for i in range(16)]))
     rng = np.random.default_rng(0)
     data = SequenceDataModule([rng.permutation(16)[:8].tolist() for _ in range(12)], item_tokens, vocab,
                               max_history=4, batch_size=4, eval_batch_size=4)
     model = {"vocab_size": vocab.size, "sid_length": 2, "num_layers": 2, "num_decoder_layers": 1, "d_model": 16,
-             "num_heads": 2, "d_kv": 8, "d_ff": 32, "dropout": 0.0, "max_input_length": 8,
-             "rastp": {"enabled": True, "prune_layer": 1, "keep_ratio": 0.5, "keep_ratio_of": "row",
-                       "until": 0.75}}
+             "num_heads": 2, "d_kv": 8, "d_ff": 32, "dropout": 0.0, "max_input_length": 8, "rastp": rastp}
     module = TigerModule(model, item_tokens, optimizer="adafactor", lr=0.01, weight_decay=0.0, warmup_steps=0,
                          schedule="cosine", val_beam_size=4)
+    return module, data
+
+
+@pytest.mark.parametrize("validate_last_step, expected", [(False, [3, 6]), (True, [3, 6, 7])])
+def test_the_last_step_is_validated_whatever_the_validation_interval(validate_last_step, expected):
+    module, data = tiny_lightning_setup({"enabled": False})
+    validated = []
+
+    class ValidationSteps(L.Callback):
+        def on_validation_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                validated.append(trainer.global_step)
+
+    callbacks = [ValidationSteps()] + ([ValidateLastStep(7)] if validate_last_step else [])
+    L.Trainer(max_steps=7, val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+              callbacks=callbacks).fit(module, datamodule=data)
+    assert validated == expected and module.global_step == 7
+
+
+def test_lightning_training_prunes_the_first_until_of_its_steps():
+    module, data = tiny_lightning_setup({"enabled": True, "prune_layer": 1, "keep_ratio": 0.5, "keep_ratio_of": "row",
+                                         "until": 0.75})
     longest, widths = [], []  # per step: the batch's longest history, the last encoder block's input width
     module.model.t5.encoder.block[-1].register_forward_hook(lambda block, args, out: widths.append(args[0].shape[1]))
 
@@ -110,3 +134,23 @@ def test_lightning_training_prunes_the_first_until_of_its_steps():
     # The first 6 of 8 steps keep half of each history (`row`: the widest keeps ceil(half its tokens)), the last 2 all
     assert widths == [math.ceil(n / 2) for n in longest[:6]] + longest[6:]
     assert len(widths) == 8 and all(n >= 2 for n in longest)
+
+
+def test_evaluation_batches_histories_of_like_lengths_and_answers_in_the_examples_order():
+    module, data = tiny_lightning_setup({"enabled": False})
+    rng = np.random.default_rng(1)
+    sequences = [rng.permutation(16)[:n].tolist() for n in rng.permutation(np.arange(4, 16))]  # lengths shuffled
+    examples = make_examples(sequences, "valid", max_history=8)
+    order = length_order(examples)
+    assert [len(examples[i].history) for i in order] == sorted(len(e.history) for e in examples)
+    assert len({len(e.history) for e in examples}) == 7  # histories of 2..8 items
+    valid = SequenceBatches(examples, data.sets["train"].item_tokens, data.sets["train"].vocab)
+    catalogue = SidCatalogue(torch.from_numpy(valid.item_tokens))
+    ranked, targets, _ = rank_examples(module.model, valid, catalogue, beam_size=4, batch_size=5, top_k=4,
+                                       exclude_seen=False, device=torch.device("cpu"))
+    assert targets.tolist() == [e.target for e in examples]
+    batch = valid.collate(examples)  # all at once, in the examples' own order
+    expected = beam_search(module.model, batch["input_ids"], batch["attention_mask"], catalogue, beam_size=4, top_k=4)
+    assert torch.equal(ranked, expected.items)
+    loader = data.val_dataloader()  # validation batches by length too
+    assert list(loader.sampler) == length_order(data.sets["valid"].examples)

@@ -20,9 +20,11 @@ beam, see `Tiger.beam_step`), each step feeds one token per beam with a self-att
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutput
 
 from rastp.tiger import Tiger
 
@@ -85,6 +87,21 @@ class SidCatalogue:
     @property
     def device(self) -> torch.device:
         return self.sid_tokens.device
+
+    @cached_property
+    def next_tokens(self) -> dict[tuple[int, ...], list[int]]:
+        """Each SID prefix (a tuple of tokens, the empty one included) -> the tokens that follow it in the catalogue,
+        as Python lists: what transformers' `prefix_allowed_tokens_fn` returns for a beam."""
+        children: dict[tuple[int, ...], set[int]] = {}
+        for sid in self.sid_tokens.tolist():
+            for level, token in enumerate(sid):
+                children.setdefault(tuple(sid[:level]), set()).add(token)
+        return {prefix: sorted(tokens) for prefix, tokens in children.items()}
+
+    @cached_property
+    def item_of_sid(self) -> dict[tuple[int, ...], int]:
+        """Each SID (a tuple of tokens) -> its item index."""
+        return {tuple(sid): item for item, sid in enumerate(self.sid_tokens.tolist())}
 
     def to(self, device: torch.device | str) -> SidCatalogue:
         """This catalogue with its tensors on `device` (in place; a no-op when already there)."""
@@ -166,3 +183,38 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
         if level + 1 < levels:
             cache.reorder_cache((first_beam + best // len(level_tokens)).flatten())
     return node.masked_fill(scores == float("-inf"), -1), scores
+
+
+@torch.no_grad()
+def generate_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
+                   *, beam_size: int, top_k: int) -> torch.LongTensor:
+    """The top_k items [B, top_k] found by transformers' stock `generate` (`num_beams`, constrained to the trie by
+    `prefix_allowed_tokens_fn`, no length penalty), best first; -1 for a sequence that is not a catalogue SID. The
+    reference `beam_search` is tested and benchmarked against.
+
+    Both decode from the same encoder states, `Tiger.encode`'s (pruned when RASTP prunes at evaluation), and rank a
+    SID by the sum of its tokens' log-probabilities under the vocabulary softmax. Runs the model in eval mode and
+    restores its mode afterwards.
+    """
+    if model.catalogue_softmax:
+        raise ValueError("generate_top_k: transformers' generate takes each token's softmax over the whole vocabulary; "
+                         "a model with catalogue_softmax scores over the trie's children")
+    if not top_k <= beam_size:
+        raise ValueError(f"generate_top_k: generate returns at most beam_size={beam_size} lists, not top_k={top_k}")
+    sid_length = catalogue.sid_tokens.shape[1]
+    next_tokens = catalogue.next_tokens
+    was_training = model.training
+    model.eval()
+    try:
+        hidden_states, mask = model.encode(input_ids, attention_mask)
+        sequences = model.t5.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden_states), attention_mask=mask,
+            num_beams=beam_size, num_return_sequences=top_k, max_new_tokens=sid_length, min_new_tokens=sid_length,
+            do_sample=False, length_penalty=0.0, early_stopping=True,
+            # sent[0] is the decoder start token. A beam off the trie (there are more beams than the catalogue has
+            # prefixes) may only go on with padding: generate refuses an empty list; its score stays -inf.
+            prefix_allowed_tokens_fn=lambda _, sent: next_tokens.get(tuple(sent[1:].tolist()), [0]))
+    finally:
+        model.train(was_training)
+    return torch.tensor([catalogue.item_of_sid.get(tuple(sid), -1) for sid in sequences[:, 1:].tolist()],
+                        device=input_ids.device).view(-1, top_k)

@@ -59,22 +59,31 @@ def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: in
 
 def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, top_k: int, exclude_seen: bool,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Beam-search every example of `data` (a SequenceBatches): ranked items [N, top_k], targets [N], short lists.
-    With `exclude_seen` no list holds an item its user already had."""
+    """Beam-search every example of `data` (a SequenceBatches): ranked items [N, top_k], targets [N], in the examples'
+    order, and the number of short lists. With `exclude_seen` no list holds an item its user already had. Batches
+    histories of like lengths together (`length_order`)."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from rastp.beam_search import beam_search
+    from rastp.training import length_order
 
+    order = length_order(data.examples)
     ranked, targets, num_short = [], [], 0
     with torch.inference_mode():
-        for batch in tqdm(DataLoader(data, batch_size=batch_size, collate_fn=data.collate), desc="beam search", unit="batch"):
+        for batch in tqdm(DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=data.collate),
+                          desc="beam search", unit="batch"):
             found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
                                 beam_size=beam_size, top_k=top_k, seen=batch["seen"] if exclude_seen else None)
             ranked.append(found.items.cpu())
             targets.append(batch["target"])
             num_short += found.num_short
-    return torch.cat(ranked), torch.cat(targets), num_short
+    position = torch.tensor(order)
+
+    def in_example_order(rows: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(rows).index_copy_(0, position, rows)
+
+    return in_example_order(torch.cat(ranked)), in_example_order(torch.cat(targets)), num_short
 
 
 def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,

@@ -1,11 +1,14 @@
-"""What the `trainer` params mean on this machine: the device a stage computes on, and TIGER's precision; and how the
-process takes its CPU memory."""
+"""What the `trainer` params mean on this machine: the device a stage computes on, and TIGER's precision; how the
+process takes its CPU memory; and how the benchmarks measure time and peak memory on either device."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,3 +54,37 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def timed(run: Callable[[], object]) -> tuple[object, float]:
+    """(`run()`'s result, the wall seconds it took), waiting for the GPU's queued work where there is one."""
+    start = time.perf_counter()
+    result = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float:
+    """How much memory `run()` takes at its peak beyond what was in use before it, in MiB: on CUDA torch's peak
+    allocated; on the CPU the rise of the process's peak resident set (Linux, reset through /proc/self/clear_refs).
+    Run it in a fresh process for a task's own figure: memory an earlier task freed and the heap kept serves a later
+    one (`keep_freed_memory_for_reuse`)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident set (VmHWM) restarts from the current one
+    base = _proc_status_mib("VmRSS")
+    run()
+    return _proc_status_mib("VmHWM") - base
+
+
+def _proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(f"/proc/self/status: no {field}")
