@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
               f"{d['generate_scores_higher']} |")
     main_setting = next(s for s in settings.values() if s["as_evaluated"] and s["order"] == "length")
     print(f"test metrics: {main_setting['test_metrics']}")
-    print(f"exact top-10: {main_setting['exactness']}")
+    print(f"exact top-10: {main_setting.get('exactness', 'not run (--exact-users 0)')}")
     print(f"peak memory ({result['memory_unit']}): {memory}")
 
 
