@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
 import platform
 
 import numpy as np
@@ -35,8 +34,8 @@ from rastp import config
 from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
 from rastp.cli import run_stage
 from rastp.data import load_prepared
-from rastp.evaluation import per_user_metrics
-from rastp.hardware import keep_freed_memory_for_reuse, peak_memory_mib, timed
+from rastp.evaluation import metric_means, per_user_metrics
+from rastp.hardware import in_fresh_process, keep_freed_memory_for_reuse, peak_memory_mib, timed
 from rastp.io import write_json
 from rastp.training import SequenceBatches, length_order, load_model, make_examples
 
@@ -180,8 +179,8 @@ def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, na
                             "beam_search_scores_higher": int((differ & ~tied & (margin > 0)).sum()),
                             "generate_scores_higher": int((differ & ~tied & (margin < 0)).sum())},
         "short_lists": {search: int((items < 0).any(dim=1).sum()) for search, items in zip(SEARCHES, (ours, theirs))},
-        "test_metrics": {"beam_search": means(per_user_metrics(ours, targets, ks=(5, 10))),
-                         "generate": means(per_user_metrics(theirs, targets, ks=(5, 10)))},
+        "test_metrics": {"beam_search": metric_means(per_user_metrics(ours, targets, ks=(5, 10))),
+                         "generate": metric_means(per_user_metrics(theirs, targets, ks=(5, 10)))},
     }
     if exact_users:
         in_sample = torch.from_numpy(np.isin(rows.numpy(), sample))
@@ -191,7 +190,8 @@ def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, na
                                      for search in SEARCHES},
             "identical_to_exact": {search: int((lists[search][in_sample] == exact[in_sample]).all(dim=1).sum())
                                    for search in SEARCHES},
-            "test_metrics": {search: means(per_user_metrics(items[in_sample], targets[rows][in_sample], ks=(5, 10)))
+            "test_metrics": {search: metric_means(per_user_metrics(items[in_sample], targets[rows][in_sample],
+                                                                    ks=(5, 10)))
                              for search, items in lists.items()},
         }
     return result
@@ -225,10 +225,6 @@ def overlap(items: torch.LongTensor, reference: torch.LongTensor) -> float:
     return float((items[:, :, None] == reference[:, None, :]).any(dim=1).float().mean())
 
 
-def means(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: round(float(values.mean()), 5) for name, values in per_user.items()}
-
-
 def peak_memory_child(search: str, stage_args: list[str], num_users: int, threads: int, queue) -> None:
     """One batch of one search in a fresh process (the model as evaluated, the batch of the longest histories), so
     that its peak memory is its own."""
@@ -244,14 +240,7 @@ def peak_memory_child(search: str, stage_args: list[str], num_users: int, thread
 
 
 def peak_memory(search: str, stage_args: list[str], num_users: int) -> float:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=peak_memory_child,
-                              args=(search, stage_args, num_users, torch.get_num_threads(), queue))
-    process.start()
-    value = queue.get()
-    process.join()
-    return round(value, 1)
+    return round(in_fresh_process(peak_memory_child, search, stage_args, num_users, torch.get_num_threads()), 1)
 
 
 if __name__ == "__main__":

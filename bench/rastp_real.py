@@ -36,7 +36,7 @@ from rastp import config
 from rastp.beam_search import SidCatalogue
 from rastp.cli import run_stage
 from rastp.data import load_prepared
-from rastp.evaluation import per_user_metrics, rank_examples, standard_errors
+from rastp.evaluation import metric_means, per_user_metrics, rank_examples, standard_errors
 from rastp.io import write_json
 from rastp.tiger import RastpConfig, Tiger
 from rastp.hardware import keep_freed_memory_for_reuse, resolve_precision, trainer_device
@@ -139,8 +139,8 @@ def main(argv: list[str]) -> None:
             scored[f"{name}_at_eval_{str(not rastp['at_eval']).lower()}"] = (name, not rastp["at_eval"])
     valid_per_user = {name: score(models[name], "valid", rastp["at_eval"]) for name, rastp in variants.items()}
     test_per_user = {key: score(models[name], "test", prune_at_eval) for key, (name, prune_at_eval) in scored.items()}
-    validation = {name: means(per_user) for name, per_user in valid_per_user.items()}
-    quality = {key: means(per_user) for key, per_user in test_per_user.items()}
+    validation = {name: metric_means(per_user) for name, per_user in valid_per_user.items()}
+    quality = {key: metric_means(per_user) for key, per_user in test_per_user.items()}
     # Every model scores the same users, so a difference from `off` is judged by the spread of the per-user
     # differences (a paired standard error), far tighter than either mean's own.
     valid_minus_off = {name: minus(per_user, valid_per_user["off"])
@@ -188,10 +188,6 @@ def process_figures(kept_freed_memory: bool) -> dict:
     return {"keep_freed_memory_for_reuse": kept_freed_memory, "minor_page_faults": usage.ru_minflt,
             "system_s": round(usage.ru_stime, 1), "user_s": round(usage.ru_utime, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024)}  # ru_maxrss: KiB on Linux
-
-
-def means(per_user: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: round(float(values.mean()), 5) for name, values in per_user.items()}
 
 
 def minus(per_user: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

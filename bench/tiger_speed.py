@@ -21,14 +21,13 @@ Prints a table and writes bench/results/tiger_speed.json.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import platform
 
 import torch
 import yaml
 
 from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
-from rastp.hardware import keep_freed_memory_for_reuse, peak_memory_mib, timed
+from rastp.hardware import in_fresh_process, keep_freed_memory_for_reuse, peak_memory_mib, timed
 from rastp.io import write_json
 from rastp.tiger import Tiger
 
@@ -112,13 +111,7 @@ def peak_memory_child(task: str, args: dict, queue) -> None:
 
 
 def peak_memory(task: str, args: dict) -> float:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=peak_memory_child, args=(task, args, queue))
-    process.start()
-    value = queue.get()
-    process.join()
-    return round(value, 1)
+    return round(in_fresh_process(peak_memory_child, task, args), 1)
 
 
 def main() -> None:

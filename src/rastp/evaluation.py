@@ -31,6 +31,11 @@ def ranking_metrics(ranked: torch.Tensor, targets: torch.Tensor, ks: Iterable[in
     return {name: values.mean() for name, values in per_user_metrics(ranked, targets, ks).items()}
 
 
+def metric_means(per_user: dict[str, torch.Tensor], digits: int = 5) -> dict[str, float]:
+    """Each metric's mean over the users (see `per_user_metrics`), rounded to `digits`."""
+    return {name: round(float(values.mean()), digits) for name, values in per_user.items()}
+
+
 def standard_errors(per_user: dict[str, torch.Tensor]) -> dict[str, float | None]:
     """The standard error of each metric's mean: sample standard deviation / sqrt(users) (None for one user)."""
     return {name: round(float(values.std() / math.sqrt(len(values))), 6) if len(values) > 1 else None
@@ -106,10 +111,9 @@ def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndar
     seen = pad_rows([e.seen for e in examples], -1) if exclude_seen else None
     popular_items = popularity_ranking(sequences, len(sids), max(ks), seen=seen).expand(len(targets), -1)
     popular = per_user_metrics(popular_items, targets, ks)
-    means = lambda metrics: {name: round(float(values.mean()), 6) for name, values in metrics.items()}  # noqa: E731
     return {
-        "tiger": means(tiger),
-        "popularity": means(popular),
+        "tiger": metric_means(tiger, digits=6),
+        "popularity": metric_means(popular, digits=6),
         # Both rank the same users' targets: the paired difference says whether TIGER beats popularity.
         "standard_error": {"tiger": standard_errors(tiger), "popularity": standard_errors(popular),
                            "tiger_minus_popularity": standard_errors({name: tiger[name] - popular[name]

@@ -4,6 +4,7 @@ process takes its CPU memory; and how the benchmarks measure time and peak memor
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import platform
 import time
@@ -81,6 +82,18 @@ def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float:
     base = _proc_status_mib("VmRSS")
     run()
     return _proc_status_mib("VmHWM") - base
+
+
+def in_fresh_process(target: Callable[..., None], *args) -> object:
+    """What `target(*args, queue)` puts on its queue, run in a freshly spawned process (for a task's own peak memory:
+    `peak_memory_mib`)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    value = queue.get()
+    process.join()
+    return value
 
 
 def _proc_status_mib(field: str) -> float:
