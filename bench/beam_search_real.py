@@ -1,6 +1,6 @@
 """The beam search on a trained model and real users: against transformers' `generate`, and against the exact top-10.
 
-    python bench/beam_search_real.py dataset=beauty [the train stage's overrides] [--users 2000] [--exact-users 50]
+    python bench/beam_search_real.py dataset=beauty [the train stage's overrides] [--users 2000]
 
 Takes the stage scripts' arguments and loads what the train stage saved for them (`data/models/<ds>/tiger.pt`, or a
 hand run's under `runs/`), with the dataset's prepared data and semantic IDs. The same test users (a fixed random
@@ -12,10 +12,10 @@ warm-up batch each, so that machine load hits them alike. Four settings:
 - batches of histories of like lengths, as the evaluate stage forms them (`length_order`), and batches in the users'
   own order, as a plain DataLoader forms them.
 For each: users/s of both and the speed-up (target: >= 5x), how many top-10 lists are identical and, where they
-differ, which list the model scores higher (every item's log-probability comes from the exact search: a beam as wide
-as the catalogue, with which `beam_search` is exact). For the model as evaluated, also: on `--exact-users` random
-users, how much of the exact top-10 a beam of `evaluate.beam_size` finds, with Recall@10 / NDCG@10 of both searches and
-of the exact top-10; and each search's peak memory over one batch, each in a fresh process.
+differ, which list the model scores higher (every item's log-probability from a beam as wide as the catalogue, with
+which `beam_search` is exact). For the model as evaluated, also: each user's exact top-10 (`exact_top_k`, timed in the
+same turns), how much of it a beam of `evaluate.beam_size` finds, with Recall / NDCG of the beam's lists and of the
+exact ones; and each search's peak memory over one batch, each in a fresh process.
 Prints a table and writes bench/results/beam_search_<dataset>[_<hand-run hash>].json.
 """
 
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rastp import config
-from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
+from rastp.beam_search import SidCatalogue, beam_search, exact_top_k, generate_top_k
 from rastp.cli import run_stage
 from rastp.data import load_prepared
 from rastp.evaluation import metric_means, per_user_metrics
@@ -41,15 +41,13 @@ from rastp.training import SequenceBatches, length_order, load_model, make_examp
 
 SEARCHES = ("beam_search", "generate")
 ORDERS = ("length", "user")  # batches of like lengths (the evaluate stage's), or in the users' own order
-EXACT_BATCH = 2  # users per exact search: each holds a beam of every catalogue item
+FULL_BEAM_BATCH = 2  # users per search with a beam as wide as the catalogue
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=2000, help="test users decoded by both searches (a fixed random "
                                                             "subset; 0: all)")
-    ap.add_argument("--exact-users", type=int, default=50, help="of these, how many random ones get their exact "
-                                                                "top-10 too")
     args, stage_args = ap.parse_known_args(argv)
     kept_freed_memory = keep_freed_memory_for_reuse()  # run_stage has applied it already: this reads whether it took
     setup = load_setup(stage_args, args.users)
@@ -68,8 +66,7 @@ def main(argv: list[str]) -> None:
         for order in ORDERS:
             name = f"{'pruned' if pruned else 'unpruned'}_{order}_order"
             settings[name] = compare(model, catalogue, batches_of(data, setup, order), setup, name,
-                                     exact_users=args.exact_users if at_eval == as_evaluated and order == "length"
-                                     else 0, seed=setup["seed"])
+                                     exact=at_eval == as_evaluated and order == "length")
             settings[name].update(pruned_at_test_time=pruned, as_evaluated=at_eval == as_evaluated, order=order)
     model.rastp = dataclasses.replace(model.rastp, at_eval=as_evaluated)
     memory = {search: peak_memory(search, stage_args, args.users) for search in SEARCHES}
@@ -96,7 +93,7 @@ def main(argv: list[str]) -> None:
               f"{d['generate_scores_higher']} |")
     main_setting = next(s for s in settings.values() if s["as_evaluated"] and s["order"] == "length")
     print(f"test metrics: {main_setting['test_metrics']}")
-    print(f"exact top-10: {main_setting.get('exactness', 'not run (--exact-users 0)')}")
+    print(f"exact top-10: {main_setting['exactness']}")
     print(f"peak memory ({result['memory_unit']}): {memory}")
 
 
@@ -131,22 +128,23 @@ def batches_of(data: SequenceBatches, setup: dict, order: str) -> list[dict]:
 
 
 def search_function(name: str, model, catalogue: SidCatalogue, beam_size: int, top_k: int):
-    """batch -> top_k items [B, top_k] by our beam search or by transformers' generate."""
-    if name == "beam_search":
-        return lambda batch: beam_search(model, batch["input_ids"], batch["attention_mask"], catalogue,
-                                         beam_size=beam_size, top_k=top_k).items
+    """batch -> top_k items [B, top_k] by our beam search, our exact search or transformers' generate."""
+    if name in ("beam_search", "exact"):
+        search = beam_search if name == "beam_search" else exact_top_k
+        return lambda batch: search(model, batch["input_ids"], batch["attention_mask"], catalogue,
+                                    beam_size=beam_size, top_k=top_k).items
     return lambda batch: generate_top_k(model, batch["input_ids"], batch["attention_mask"], catalogue,
                                         beam_size=beam_size, top_k=top_k)
 
 
-def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, name: str, *, exact_users: int,
-            seed: int) -> dict:
-    """Both searches on the same batches, timed in turns; their lists compared, the differing ones (and `exact_users`
-    random users) against every item's log-probability."""
+def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, name: str, *, exact: bool) -> dict:
+    """Both searches (and with `exact` the exact search too) on the same batches, timed in turns; their lists compared,
+    the differing ones against every item's log-probability."""
+    names = SEARCHES + (("exact",) if exact else ())
     searches = {search: search_function(search, model, catalogue, setup["beam_size"], setup["top_k"])
-                for search in SEARCHES}
-    found = {search: [] for search in SEARCHES}
-    seconds = dict.fromkeys(SEARCHES, 0.0)
+                for search in names}
+    found = {search: [] for search in names}
+    seconds = dict.fromkeys(names, 0.0)
     with torch.inference_mode():
         for search in searches.values():  # warm-up, untimed
             search(batches[0])
@@ -155,64 +153,57 @@ def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, na
                 items, elapsed = timed(lambda: run(batch))
                 found[search].append(items.cpu())
                 seconds[search] += elapsed
-    ours, theirs = (torch.cat(found[search]) for search in SEARCHES)
+    lists = {search: torch.cat(found[search]) for search in names}
+    ours, theirs = lists["beam_search"], lists["generate"]
     targets = torch.cat([batch["target"].cpu() for batch in batches])
     users = len(targets)
     identical = (ours == theirs).all(dim=1)
 
-    sample = np.random.default_rng(seed).choice(users, min(exact_users, users), replace=False)
-    rows = torch.tensor(sorted(set(sample.tolist()) | set((~identical).nonzero()[:, 0].tolist())), dtype=torch.long)
-    log_probs, exact = exact_log_probs(model, catalogue, batches, rows.tolist(), setup["top_k"])
-    lists = {"beam_search": ours[rows], "generate": theirs[rows], "exact": exact}
-    list_log_prob = {search: log_probs.gather(1, items.clamp(min=0)).masked_fill(items < 0, float("-inf")).sum(dim=1)
-                     for search, items in lists.items()}
-    differ = ~identical[rows]
+    differ = (~identical).nonzero()[:, 0]
+    log_probs = full_beam_log_probs(model, catalogue, batches, differ.tolist())
+    list_log_prob = {search: log_probs.gather(1, items[differ].clamp(min=0)).masked_fill(items[differ] < 0,
+                                                                                         float("-inf")).sum(dim=1)
+                     for search, items in (("beam_search", ours), ("generate", theirs))}
     margin = list_log_prob["beam_search"] - list_log_prob["generate"]
-    tied = differ & margin.abs().le(1e-4)  # the same items, or items the model scores alike to float precision
+    tied = margin.abs().le(1e-4)  # the same items, or items the model scores alike to float precision
     result = {
         "seconds": {search: round(s, 2) for search, s in seconds.items()},
         "users_per_s": {search: round(users / s, 1) for search, s in seconds.items()},
         "speedup": round(seconds["generate"] / seconds["beam_search"], 2),
         "identical_top10_lists": int(identical.sum()),
         "same_top10_items": int(ours.sort(dim=1).values.eq(theirs.sort(dim=1).values).all(dim=1).sum()),
-        "differing_lists": {"count": int(differ.sum()), "tied": int(tied.sum()),
-                            "beam_search_scores_higher": int((differ & ~tied & (margin > 0)).sum()),
-                            "generate_scores_higher": int((differ & ~tied & (margin < 0)).sum())},
-        "short_lists": {search: int((items < 0).any(dim=1).sum()) for search, items in zip(SEARCHES, (ours, theirs))},
-        "test_metrics": {"beam_search": metric_means(per_user_metrics(ours, targets, ks=(5, 10))),
-                         "generate": metric_means(per_user_metrics(theirs, targets, ks=(5, 10)))},
+        "differing_lists": {"count": len(differ), "tied": int(tied.sum()),
+                            "beam_search_scores_higher": int((~tied & (margin > 0)).sum()),
+                            "generate_scores_higher": int((~tied & (margin < 0)).sum())},
+        "short_lists": {search: int((items < 0).any(dim=1).sum()) for search, items in lists.items()},
+        "test_metrics": {search: metric_means(per_user_metrics(items, targets, ks=(5, 10)))
+                         for search, items in lists.items()},
     }
-    if exact_users:
-        in_sample = torch.from_numpy(np.isin(rows.numpy(), sample))
+    if exact:
         result["exactness"] = {
-            "users": int(in_sample.sum()),
-            "found_of_exact_top10": {search: round(overlap(lists[search][in_sample], exact[in_sample]), 4)
-                                     for search in SEARCHES},
-            "identical_to_exact": {search: int((lists[search][in_sample] == exact[in_sample]).all(dim=1).sum())
+            "users": users,
+            "exact_search_cost": round(seconds["exact"] / seconds["beam_search"], 2),  # x the beam search's time
+            "found_of_exact_top10": {search: round(overlap(lists[search], lists["exact"]), 4) for search in SEARCHES},
+            "identical_to_exact": {search: int((lists[search] == lists["exact"]).all(dim=1).sum())
                                    for search in SEARCHES},
-            "test_metrics": {search: metric_means(per_user_metrics(items[in_sample], targets[rows][in_sample],
-                                                                    ks=(5, 10)))
-                             for search, items in lists.items()},
         }
     return result
 
 
 @torch.inference_mode()
-def exact_log_probs(model, catalogue: SidCatalogue, batches: list[dict], rows: list[int],
-                    top_k: int) -> tuple[torch.Tensor, torch.LongTensor]:
-    """For the given users (indices into the batches' rows): every catalogue item's log-probability [R, N] and the
-    exact top_k [R, top_k], by a beam as wide as the catalogue (no prefix is ever dropped)."""
+def full_beam_log_probs(model, catalogue: SidCatalogue, batches: list[dict], rows: list[int]) -> torch.Tensor:
+    """Every catalogue item's log-probability [R, N] for the given users (indices into the batches' rows), by a beam
+    as wide as the catalogue (no prefix is ever dropped)."""
     width = max(batch["input_ids"].shape[1] for batch in batches)
     inputs = {key: torch.cat([pad_to(batch[key], width) for batch in batches])
               for key in ("input_ids", "attention_mask")}
-    log_probs, exact = [torch.empty(0, len(catalogue))], [torch.empty(0, top_k, dtype=torch.long)]
-    for start in tqdm(range(0, len(rows), EXACT_BATCH), desc="exact search", unit="batch"):
-        index = torch.tensor(rows[start:start + EXACT_BATCH], device=inputs["input_ids"].device)
+    log_probs = [torch.empty(0, len(catalogue))]
+    for start in tqdm(range(0, len(rows), FULL_BEAM_BATCH), desc="full beam", unit="batch"):
+        index = torch.tensor(rows[start:start + FULL_BEAM_BATCH], device=inputs["input_ids"].device)
         found = beam_search(model, inputs["input_ids"][index], inputs["attention_mask"][index], catalogue,
                             beam_size=len(catalogue), top_k=len(catalogue))
         log_probs.append(torch.empty_like(found.scores).scatter_(1, found.items, found.scores).cpu())
-        exact.append(found.items[:, :top_k].cpu())
-    return torch.cat(log_probs), torch.cat(exact)
+    return torch.cat(log_probs)
 
 
 def pad_to(rows: torch.Tensor, width: int) -> torch.Tensor:

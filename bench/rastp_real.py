@@ -125,10 +125,11 @@ def main(argv: list[str]) -> None:
 
     def score(model: Tiger, split: str, prune_at_eval: bool) -> dict[str, torch.Tensor]:
         model.rastp = dataclasses.replace(model.rastp, at_eval=prune_at_eval)
-        ranked, targets, _ = rank_examples(model, splits[split], catalogue, beam_size=params["evaluate"]["beam_size"],
-                                           batch_size=params["evaluate"]["batch_size"], top_k=10,
-                                           exclude_seen=params["evaluate"]["exclude_seen"], device=device)
-        return per_user_metrics(ranked.cpu(), targets.cpu(), ks=(5, 10))
+        rankings = rank_examples(model, splits[split], catalogue, beam_size=params["evaluate"]["beam_size"],
+                                 batch_size=params["evaluate"]["batch_size"], top_k=10,
+                                 exclude_seen=params["evaluate"]["exclude_seen"], device=device,
+                                 exact=params["evaluate"]["exact"])
+        return per_user_metrics(rankings.items, rankings.targets, ks=(5, 10))
 
     # Every model on validation and test as it was trained; each pruned one also on test with the other `at_eval`
     # (does pruning at test time match its training?).
@@ -152,6 +153,7 @@ def main(argv: list[str]) -> None:
     result = {
         "args": stage_args, "dataset": paths.dataset, "steps": steps, "batch_size": train_cfg["batch_size"],
         "eval_users": len(users), "exclude_seen": params["evaluate"]["exclude_seen"],
+        "exact": params["evaluate"]["exact"],
         "device": str(device), "precision": precision, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "rastp_on": variants["on"],  # `off` is the same model unpruned

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
         # The model's own top 10, seen items allowed: how much of it the user already had.
         ranked = rank_examples(model, data, catalogue, beam_size=int(cfg.evaluate.beam_size),
                                batch_size=int(cfg.evaluate.batch_size), top_k=10, exclude_seen=False,
-                               device=torch.device("cpu"))[0]
+                               device=torch.device("cpu"), exact=bool(cfg.evaluate.exact)).items
         seen = [set(e.seen) for e in examples]
         seen_share = float(np.mean([[int(i) in seen[u] for i in row] for u, row in enumerate(ranked.tolist())]))
         as_list = lambda values: [round(float(v), 3) for v in values]  # noqa: E731

@@ -17,7 +17,7 @@ def main(argv):
     metrics = evaluate_tiger(paths.model() / "tiger.pt", load_prepared(paths.prepared()).sequences,
                              np.load(paths.sids() / "sids.npy"), max_history=int(cfg.tiger.max_history),
                              beam_size=int(ev.beam_size), batch_size=int(ev.batch_size), ks=list(ev.ks),
-                             exclude_seen=bool(ev.exclude_seen))
+                             exclude_seen=bool(ev.exclude_seen), exact=bool(ev.exact))
     write_json(paths.metrics(), metrics)
     print(f"[evaluate] {paths.dataset}: {json.dumps(metrics)}")
 

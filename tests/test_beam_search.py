@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
+from rastp.beam_search import SidCatalogue, beam_search, exact_top_k, generate_top_k
 from rastp.tiger import Tiger
 
 # Token layout of the tests: 0 = pad/start, level l codes at 1 + 4 * l + code (4 codes per level), users above.
@@ -96,6 +96,42 @@ def test_transformers_generate_finds_the_same_lists(options, beam_size):
     assert torch.equal(theirs, ours.items) and (theirs >= 0).all()
     if beam_size == len(catalogue):
         assert torch.equal(theirs, exhaustive_scores(model, input_ids, mask, catalogue).topk(5).indices)
+
+
+@pytest.mark.parametrize("options", [{}, {"catalogue_softmax": True},
+                                     {"enabled": True, "at_eval": True, "keep_ratio": 0.5}])
+@pytest.mark.parametrize("max_beams", [10_000, 1])  # 1: every history overflows and is searched again alone
+@pytest.mark.parametrize("group_size", [4, 32])
+def test_exact_top_k_from_a_narrow_beam_is_the_exhaustive_top_k(options, max_beams, group_size):
+    catalogue = make_catalogue(40)
+    model = make_model(**options)
+    input_ids, mask = make_histories()
+    expected_scores, expected_items = exhaustive_scores(model, input_ids, mask, catalogue).topk(10, dim=1)
+    narrow = beam_search(model, input_ids, mask, catalogue, beam_size=2, top_k=10)
+    assert narrow.num_short == len(input_ids)  # a beam of 2 ends with 2 items: the exact search finds the other 8
+    exact = exact_top_k(model, input_ids, mask, catalogue, top_k=10, beam_size=2, group_size=group_size,
+                        max_beams=max_beams)
+    assert torch.equal(exact.items, expected_items)
+    torch.testing.assert_close(exact.scores, expected_scores)
+    assert exact.num_short == 0
+    assert exact.searched_alone == (len(input_ids) if max_beams == 1 else 0)
+    seen = expected_items[:, :3]  # the best three are left out: the next ten come out, with the same scores
+    expected_scores, expected_items = exhaustive_scores(model, input_ids, mask, catalogue).scatter(
+        1, seen, float("-inf")).topk(10, dim=1)
+    exact = exact_top_k(model, input_ids, mask, catalogue, top_k=10, beam_size=3, seen=seen, group_size=group_size,
+                        max_beams=max_beams)
+    assert torch.equal(exact.items, expected_items)
+    torch.testing.assert_close(exact.scores, expected_scores)
+
+
+def test_exact_top_k_of_a_catalogue_smaller_than_k_returns_every_item():
+    catalogue = make_catalogue(3)
+    model = make_model()
+    input_ids, mask = make_histories(batch_size=4)
+    exact = exact_top_k(model, input_ids, mask, catalogue, top_k=5, beam_size=1)
+    expected = exhaustive_scores(model, input_ids, mask, catalogue).topk(3, dim=1).indices
+    assert torch.equal(exact.items[:, :3], expected) and (exact.items[:, 3:] == -1).all()
+    assert exact.num_short == 4 and exact.searched_alone == 0  # no threshold, but only 3 prefixes per level
 
 
 def test_narrow_beam_returns_valid_items_with_true_scores():

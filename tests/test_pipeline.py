@@ -7,6 +7,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import run, set_params
@@ -116,12 +117,20 @@ def test_exp_run_with_seed_is_listed_and_diffed(built):
 
 
 def test_hand_run_with_overrides_leaves_dvc_outputs_alone(built):
+    """Two hand runs of the evaluate stage, each in its own runs/ folder: a beam as wide as the catalogue (exact) and
+    the exact search from a beam of 1, which must score the same."""
     repo, _ = built
     before = (repo / "metrics/tiny.json").read_text()
-    done = run([sys.executable, "stages/evaluate.py", "dataset=tiny", "evaluate.beam_size=12"], repo)
+    num_items = len(np.load(repo / "data/sids/tiny/sids.npy"))
+    done = run([sys.executable, "stages/evaluate.py", "dataset=tiny", f"evaluate.beam_size={num_items}"], repo)
     assert "runs/tiny-" in done.stderr
-    written = list((repo / "runs").glob("tiny-*/metrics/tiny.json"))
-    assert len(written) == 1
+    run([sys.executable, "stages/evaluate.py", "dataset=tiny", "evaluate.beam_size=1", "evaluate.exact=true"], repo)
+    written = [json.loads(path.read_text()) for path in (repo / "runs").glob("tiny-*/metrics/tiny.json")]
+    assert sorted(metrics["search"] for metrics in written) == ["beam", "exact"]
+    assert written[0]["tiger"] == written[1]["tiger"] and written[0]["short_lists"] == written[1]["short_lists"] == 0
+    exact = next(metrics for metrics in written if metrics["search"] == "exact")
+    assert exact["beam_lists_exact"] == 0  # a beam of 1 lists one item, scored beside the exact lists
+    assert set(exact["tiger_beam"]) == set(exact["tiger"]) == set(exact["standard_error"]["exact_minus_beam"])
     assert (repo / "metrics/tiny.json").read_text() == before
     assert "dvc" not in run(["git", "status", "--porcelain", "dvc.lock"], repo).stdout
 

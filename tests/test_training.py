@@ -146,11 +146,17 @@ def test_evaluation_batches_histories_of_like_lengths_and_answers_in_the_example
     assert len({len(e.history) for e in examples}) == 7  # histories of 2..8 items
     valid = SequenceBatches(examples, data.sets["train"].item_tokens, data.sets["train"].vocab)
     catalogue = SidCatalogue(torch.from_numpy(valid.item_tokens))
-    ranked, targets, _ = rank_examples(module.model, valid, catalogue, beam_size=4, batch_size=5, top_k=4,
-                                       exclude_seen=False, device=torch.device("cpu"))
+    ranked, targets = rank_examples(module.model, valid, catalogue, beam_size=4, batch_size=5, top_k=4,
+                                    exclude_seen=False, device=torch.device("cpu"))[:2]
     assert targets.tolist() == [e.target for e in examples]
     batch = valid.collate(examples)  # all at once, in the examples' own order
     expected = beam_search(module.model, batch["input_ids"], batch["attention_mask"], catalogue, beam_size=4, top_k=4)
     assert torch.equal(ranked, expected.items)
+    # The exact search from a beam of 1 (alone: lists of one item) ranks as a beam as wide as the catalogue (16 items)
+    one, exact, full = (rank_examples(module.model, valid, catalogue, beam_size=beam_size, batch_size=5, top_k=4,
+                                      exclude_seen=False, device=torch.device("cpu"), exact=exact)
+                        for beam_size, exact in ((1, False), (1, True), (16, False)))
+    assert (one.items[:, 1:] == -1).all() and torch.equal(exact.items, full.items)
+    assert torch.equal(exact.beam_items, one.items) and one.beam_items is None
     loader = data.val_dataloader()  # validation batches by length too
     assert list(loader.sampler) == length_order(data.sets["valid"].examples)

@@ -10,7 +10,8 @@ come out. The trie is stored level by level as dense tensors (no Python loop ove
 A SID's score is its log-probability under the model, the sum of its tokens' log-probabilities: each token's softmax is
 over the whole vocabulary (stock T5), or with `Tiger.catalogue_softmax` over the trie's children of its prefix only
 (then the scores are a distribution over the catalogue's items). With beam_size >= the number of items no prefix is
-ever dropped, so the search is exact.
+ever dropped, so the search is exact; `exact_top_k` gets the same exact top-K from a narrow beam, by keeping every
+prefix that scores at least the beam's K-th item.
 
 Cost: the history is encoded once, the decoder's cross-attention keys/values are projected once per history (not per
 beam, see `Tiger.beam_step`), each step feeds one token per beam with a self-attention KV cache, and the first step
@@ -117,6 +118,13 @@ class BeamSearchResult:
     items: torch.LongTensor  # [B, top_k] item indices, best first; -1 where fewer than top_k SIDs were found
     scores: torch.Tensor  # [B, top_k] SID log-probabilities (sum over its tokens); -inf where items is -1
     num_short: int  # how many lists have fewer than top_k items
+    searched_alone: int = 0  # exact_top_k: histories that needed more than max_beams, searched again one by one
+    beam_items: torch.LongTensor | None = None  # exact_top_k: the top_k of the beam search it started from
+
+
+# Scores of one history computed in different batches differ by float rounding (~1e-6 here): the exact search keeps
+# prefixes this much below its threshold too, so that no rounding drops an item of the top-K.
+SCORE_TOLERANCE = 1e-3
 
 
 @torch.no_grad()
@@ -133,56 +141,115 @@ def beam_search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
     was_training = model.training
     model.eval()
     try:
-        items, scores = _search(model, input_ids, attention_mask, catalogue.to(input_ids.device), beam_size, seen)
+        items, scores, _ = _search(model, input_ids, attention_mask, catalogue.to(input_ids.device), beam_size, seen)
     finally:
         model.train(was_training)
+    return _first(top_k, items, scores)
+
+
+@torch.no_grad()
+def exact_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
+                *, top_k: int, beam_size: int, seen: torch.LongTensor | None = None, group_size: int = 32,
+                max_beams: int = 32768) -> BeamSearchResult:
+    """The exact top_k catalogue items of each history (as scoring every catalogue SID would rank them, ties aside),
+    at a small part of that cost: a beam search of `beam_size`, then a search that keeps every prefix scoring at least
+    the beam's k-th item.
+
+    Why it is exact: a prefix's score (the sum of its tokens' log-probabilities, each <= 0) never rises as it grows, so
+    every item scoring at least t has all its prefixes at or above t; the beam's k-th item is a real item, so the true
+    k-th best scores at least t too. The second search runs on groups of `group_size` histories of like thresholds (a
+    low one keeps many prefixes, and a group's widest history sets its width), each at most `max_beams` wide in all; a
+    history that needs more is searched again alone with no limit (the catalogue's size). `seen` as in `beam_search`.
+    Runs the model in eval mode and restores its mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    catalogue = catalogue.to(input_ids.device)
+    try:
+        items, scores, _ = _search(model, input_ids, attention_mask, catalogue, beam_size, seen)
+        result = _first(top_k, items, scores)  # its rows are overwritten with the exact lists below
+        beam_items = result.items.clone()
+        # The k-th item's score; -inf (keep every prefix) where the beam found fewer than top_k items.
+        threshold = result.scores[:, -1] - SCORE_TOLERANCE
+
+        def search_exactly(rows: torch.LongTensor, width: int) -> torch.LongTensor:
+            """Fills in the given rows' exact lists; returns those that needed more than `width` beams."""
+            items, scores, overflow = _search(model, input_ids[rows], attention_mask[rows], catalogue, width,
+                                              None if seen is None else seen[rows], threshold[rows])
+            found = _first(top_k, items, scores)
+            result.items[rows], result.scores[rows] = found.items, found.scores
+            return rows[overflow]
+
+        too_wide = torch.cat([search_exactly(rows, max(beam_size, max_beams // len(rows)))
+                              for rows in threshold.argsort().split(group_size)])
+        for row in too_wide:
+            search_exactly(row[None], len(catalogue))
+    finally:
+        model.train(was_training)
+    result.num_short = int((result.items < 0).any(dim=1).sum())
+    result.searched_alone = len(too_wide)
+    result.beam_items = beam_items
+    return result
+
+
+def _first(top_k: int, items: torch.LongTensor, scores: torch.Tensor) -> BeamSearchResult:
+    """The first top_k of best-first items and scores [B, W], padded with -1 / -inf where W < top_k."""
     batch_size, found = items.shape
     if found >= top_k:
         items, scores = items[:, :top_k], scores[:, :top_k]
-    else:  # fewer beams than top_k: pad
+    else:
         items = torch.cat([items, items.new_full((batch_size, top_k - found), -1)], dim=1)
         scores = torch.cat([scores, scores.new_full((batch_size, top_k - found), float("-inf"))], dim=1)
     return BeamSearchResult(items=items, scores=scores, num_short=int((items < 0).any(dim=1).sum()))
 
 
 def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
-            beam_size: int, seen: torch.LongTensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items [B, W] and scores [B, W] of the final beams, best first (-1 / -inf for beams that found no SID)."""
-    batch_size, width = input_ids.shape[0], beam_size
+            beam_size: int, seen: torch.LongTensor | None,
+            threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Items [B, W] and scores [B, W] of the final beams, best first (-1 / -inf for beams that found no SID), and
+    [B] bool: the histories that had more prefixes at or above `threshold` than the beam could hold.
+
+    Each level keeps, per history, its `beam_size` best prefixes; with `threshold` [B] instead every prefix scoring at
+    least the history's threshold (the batch's widest history sets the width W), at most `beam_size`.
+    """
+    batch_size, device = input_ids.shape[0], input_ids.device
     hidden_states, mask = model.encode(input_ids, attention_mask)  # encoded once, for all steps
     cross_keys_values = model.cross_attention_keys_values(hidden_states)  # once per history, shared by its beams
     cache = DynamicCache()  # the decoder's self-attention keys/values of each beam's prefix
-    # All beams start from the empty prefix; only the first is live, so the first step does not pick duplicates.
-    scores = torch.full((batch_size, width), float("-inf"), device=input_ids.device)
-    scores[:, 0] = 0.0
-    node = torch.zeros((batch_size, width), dtype=torch.long, device=input_ids.device)
-    tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=input_ids.device)  # decoder start token
-    first_beam = torch.arange(batch_size, device=input_ids.device)[:, None] * width
+    # One beam per history to start, the empty prefix: the first step runs once per history, then beams fan out.
+    scores = torch.zeros((batch_size, 1), device=device)
+    node = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+    tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # decoder start token
+    overflow = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    history = torch.arange(batch_size, device=device)[:, None]
     levels = len(catalogue.children)
-    open_nodes = None if seen is None else catalogue.open_nodes(seen.to(input_ids.device))
+    open_nodes = None if seen is None else catalogue.open_nodes(seen.to(device))
     for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
         # The level's tokens: log-probabilities of the vocabulary softmax, or logits still to be normalised below.
         token_scores = model.beam_step(tokens, cache, cross_keys_values, mask).float()
         if not model.catalogue_softmax:
             token_scores = token_scores.log_softmax(dim=-1)
-        token_scores = token_scores[:, level_tokens]
-        if level == 0:  # the empty prefix is decoded once per history, then copied to each of its beams
-            token_scores = token_scores.repeat_interleave(width, dim=0)
-            cache.batch_repeat_interleave(width)
+        width = node.shape[1]
         child = children[node.clamp(min=0)]  # [B, W, C_l]; dead beams (node -1) have score -inf anyway
-        log_probs = token_scores.view(batch_size, width, -1).masked_fill(child < 0, float("-inf"))
+        log_probs = token_scores[:, level_tokens].view(batch_size, width, -1).masked_fill(child < 0, float("-inf"))
         if model.catalogue_softmax:  # softmax over the prefix's children only
             log_probs = log_probs.log_softmax(dim=-1)
         if open_nodes is not None:  # after the softmax: excluding items does not change the others' scores
             reachable = open_nodes[level].gather(1, child.clamp(min=0).flatten(1)).view_as(child)
             log_probs = log_probs.masked_fill(~reachable, float("-inf"))
         total = (scores[..., None] + log_probs).flatten(1)
-        scores, best = total.topk(width, dim=1)
+        if threshold is None:
+            next_width = min(beam_size, total.shape[1])
+        else:
+            reached = ((total >= threshold[:, None]) & total.isfinite()).sum(dim=1)  # -inf: not a catalogue prefix
+            next_width = int(reached.max().clamp(min=1, max=beam_size))
+            overflow |= reached > next_width
+        scores, best = total.topk(next_width, dim=1)
         node = child.flatten(1).gather(1, best)
         tokens = level_tokens[best % len(level_tokens)].view(-1, 1)
         if level + 1 < levels:
-            cache.reorder_cache((first_beam + best // len(level_tokens)).flatten())
-    return node.masked_fill(scores == float("-inf"), -1), scores
+            cache.reorder_cache((history * width + best // len(level_tokens)).flatten())
+    return node.masked_fill(scores == float("-inf"), -1), scores, overflow
 
 
 @torch.no_grad()

@@ -198,6 +198,7 @@ class EvaluateParams:
     batch_size: int = MISSING
     ks: List[int] = MISSING
     exclude_seen: bool = MISSING
+    exact: bool = MISSING
 
 
 @dataclass

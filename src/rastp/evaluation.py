@@ -5,7 +5,7 @@ with the standard error of each mean."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -62,40 +62,55 @@ def popularity_ranking(sequences: Sequence[Sequence[int]], num_items: int, k: in
     return torch.where(blocked.gather(1, first), -1, candidates[first])
 
 
+class Rankings(NamedTuple):
+    items: torch.Tensor  # [N, top_k] ranked item ids, best first (-1: empty slot)
+    targets: torch.Tensor  # [N]
+    num_short: int  # lists with fewer than top_k items
+    beam_items: torch.Tensor | None  # exact search: the lists of the beam it started from [N, top_k]
+
+
 def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, top_k: int, exclude_seen: bool,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Beam-search every example of `data` (a SequenceBatches): ranked items [N, top_k], targets [N], in the examples'
-    order, and the number of short lists. With `exclude_seen` no list holds an item its user already had. Batches
-    histories of like lengths together (`length_order`)."""
+                  device: torch.device, exact: bool = False) -> Rankings:
+    """Beam-search every example of `data` (a SequenceBatches), in the examples' order. With `exclude_seen` no list
+    holds an item its user already had; with `exact` each list is the exact top_k (`exact_top_k`, from a beam of
+    `beam_size`). Batches histories of like lengths together (`length_order`)."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from rastp.beam_search import beam_search
+    from rastp.beam_search import beam_search, exact_top_k
     from rastp.training import length_order
 
+    search = exact_top_k if exact else beam_search
     order = length_order(data.examples)
-    ranked, targets, num_short = [], [], 0
+    ranked, targets, beam_ranked, num_short = [], [], [], 0
     with torch.inference_mode():
         for batch in tqdm(DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=data.collate),
-                          desc="beam search", unit="batch"):
-            found = beam_search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
+                          desc="exact search" if exact else "beam search", unit="batch"):
+            found = search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
                                 beam_size=beam_size, top_k=top_k, seen=batch["seen"] if exclude_seen else None)
             ranked.append(found.items.cpu())
             targets.append(batch["target"])
             num_short += found.num_short
+            if exact:
+                beam_ranked.append(found.beam_items.cpu())
     position = torch.tensor(order)
 
-    def in_example_order(rows: torch.Tensor) -> torch.Tensor:
+    def in_example_order(batches: list[torch.Tensor]) -> torch.Tensor | None:
+        if not batches:
+            return None
+        rows = torch.cat(batches)
         return torch.empty_like(rows).index_copy_(0, position, rows)
 
-    return in_example_order(torch.cat(ranked)), in_example_order(torch.cat(targets)), num_short
+    return Rankings(items=in_example_order(ranked), targets=in_example_order(targets), num_short=num_short,
+                    beam_items=in_example_order(beam_ranked))
 
 
 def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,
-                   beam_size: int, batch_size: int, ks: Sequence[int], exclude_seen: bool) -> dict:
-    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus beam-search stats. With
-    `exclude_seen` neither ranks an item the user already had (no user of MovieLens-100k or Beauty has an item twice,
-    so none of them can be the target)."""
+                   beam_size: int, batch_size: int, ks: Sequence[int], exclude_seen: bool, exact: bool) -> dict:
+    """Test-split metrics of a saved TIGER and of the most-popular baseline, plus search stats. With `exclude_seen`
+    neither ranks an item the user already had (no user of MovieLens-100k or Beauty has an item twice, so none of them
+    can be the target); with `exact` TIGER's lists are its exact top-K, else its beam's, and the beam's are scored
+    beside them (`tiger_beam`, with the paired standard errors of `exact_minus_beam`)."""
     from rastp.beam_search import SidCatalogue
     from rastp.training import SequenceBatches, load_model, make_examples, pad_rows
 
@@ -105,13 +120,14 @@ def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndar
     examples = make_examples(sequences, "test", max_history)
     data = SequenceBatches(examples, item_tokens, vocab)
     catalogue = SidCatalogue(torch.from_numpy(item_tokens)).to(device)
-    ranked, targets, num_short = rank_examples(model, data, catalogue, beam_size=beam_size, batch_size=batch_size,
-                                               top_k=max(ks), exclude_seen=exclude_seen, device=device)
-    tiger = per_user_metrics(ranked, targets, ks)
+    rankings = rank_examples(model, data, catalogue, beam_size=beam_size, batch_size=batch_size, top_k=max(ks),
+                             exclude_seen=exclude_seen, device=device, exact=exact)
+    targets = rankings.targets
+    tiger = per_user_metrics(rankings.items, targets, ks)
     seen = pad_rows([e.seen for e in examples], -1) if exclude_seen else None
     popular_items = popularity_ranking(sequences, len(sids), max(ks), seen=seen).expand(len(targets), -1)
     popular = per_user_metrics(popular_items, targets, ks)
-    return {
+    metrics = {
         "tiger": metric_means(tiger, digits=6),
         "popularity": metric_means(popular, digits=6),
         # Both rank the same users' targets: the paired difference says whether TIGER beats popularity.
@@ -119,5 +135,13 @@ def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndar
                            "tiger_minus_popularity": standard_errors({name: tiger[name] - popular[name]
                                                                       for name in tiger})},
         "users": len(targets),
-        "short_lists": num_short,
+        "search": "exact" if exact else "beam",
+        "short_lists": rankings.num_short,
     }
+    if exact:
+        beam = per_user_metrics(rankings.beam_items, targets, ks)
+        metrics["tiger_beam"] = metric_means(beam, digits=6)
+        metrics["standard_error"]["exact_minus_beam"] = standard_errors({name: tiger[name] - beam[name]
+                                                                         for name in tiger})
+        metrics["beam_lists_exact"] = int((rankings.beam_items == rankings.items).all(dim=1).sum())
+    return metrics
