@@ -20,6 +20,7 @@ beam, see `Tiger.beam_step`), each step feeds one token per beam with a self-att
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -138,12 +139,9 @@ def beam_search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
 
     Runs the model in eval mode (RASTP prunes only if `at_eval`) and restores its mode afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        items, scores, _ = _search(model, input_ids, attention_mask, catalogue.to(input_ids.device), beam_size, seen)
-    finally:
-        model.train(was_training)
+    with _eval_mode(model):
+        encoded = _encode(model, input_ids, attention_mask)
+        items, scores, _ = _search(model, encoded, catalogue.to(input_ids.device), beam_size, seen)
     return _first(top_k, items, scores)
 
 
@@ -162,11 +160,10 @@ def exact_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
     history that needs more is searched again alone with no limit (the catalogue's size). `seen` as in `beam_search`.
     Runs the model in eval mode and restores its mode afterwards.
     """
-    was_training = model.training
-    model.eval()
     catalogue = catalogue.to(input_ids.device)
-    try:
-        items, scores, _ = _search(model, input_ids, attention_mask, catalogue, beam_size, seen)
+    with _eval_mode(model):
+        encoded = _encode(model, input_ids, attention_mask)  # once, for both searches
+        items, scores, _ = _search(model, encoded, catalogue, beam_size, seen)
         result = _first(top_k, items, scores)  # its rows are overwritten with the exact lists below
         beam_items = result.items.clone()
         # The k-th item's score; -inf (keep every prefix) where the beam found fewer than top_k items.
@@ -174,7 +171,7 @@ def exact_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
 
         def search_exactly(rows: torch.LongTensor, width: int) -> torch.LongTensor:
             """Fills in the given rows' exact lists; returns those that needed more than `width` beams."""
-            items, scores, overflow = _search(model, input_ids[rows], attention_mask[rows], catalogue, width,
+            items, scores, overflow = _search(model, encoded.rows(rows), catalogue, width,
                                               None if seen is None else seen[rows], threshold[rows])
             found = _first(top_k, items, scores)
             result.items[rows], result.scores[rows] = found.items, found.scores
@@ -184,8 +181,6 @@ def exact_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
                               for rows in threshold.argsort().split(group_size)])
         for row in too_wide:
             search_exactly(row[None], len(catalogue))
-    finally:
-        model.train(was_training)
     result.num_short = int((result.items < 0).any(dim=1).sum())
     result.searched_alone = len(too_wide)
     result.beam_items = beam_items
@@ -203,8 +198,35 @@ def _first(top_k: int, items: torch.LongTensor, scores: torch.Tensor) -> BeamSea
     return BeamSearchResult(items=items, scores=scores, num_short=int((items < 0).any(dim=1).sum()))
 
 
-def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor, catalogue: SidCatalogue,
-            beam_size: int, seen: torch.LongTensor | None,
+@contextmanager
+def _eval_mode(model: Tiger):
+    """The model in eval mode (no dropout; RASTP prunes only if `at_eval`), its own mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Encoded:
+    """What the decoder reads of a batch of histories: the encoder's mask [B, T'] and each decoder block's
+    cross-attention keys and values, projected once per history (`Tiger.cross_attention_keys_values`)."""
+
+    mask: torch.Tensor
+    cross_keys_values: list[tuple[torch.Tensor, ...]]
+
+    def rows(self, rows: torch.LongTensor) -> _Encoded:
+        return _Encoded(self.mask[rows], [tuple(t[rows] for t in pair) for pair in self.cross_keys_values])
+
+
+def _encode(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> _Encoded:
+    hidden_states, mask = model.encode(input_ids, attention_mask)
+    return _Encoded(mask, model.cross_attention_keys_values(hidden_states))
+
+
+def _search(model: Tiger, encoded: _Encoded, catalogue: SidCatalogue, beam_size: int, seen: torch.LongTensor | None,
             threshold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Items [B, W] and scores [B, W] of the final beams, best first (-1 / -inf for beams that found no SID), and
     [B] bool: the histories that had more prefixes at or above `threshold` than the beam could hold.
@@ -212,9 +234,7 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
     Each level keeps, per history, its `beam_size` best prefixes; with `threshold` [B] instead every prefix scoring at
     least the history's threshold (the batch's widest history sets the width W), at most `beam_size`.
     """
-    batch_size, device = input_ids.shape[0], input_ids.device
-    hidden_states, mask = model.encode(input_ids, attention_mask)  # encoded once, for all steps
-    cross_keys_values = model.cross_attention_keys_values(hidden_states)  # once per history, shared by its beams
+    batch_size, device = encoded.mask.shape[0], encoded.mask.device
     cache = DynamicCache()  # the decoder's self-attention keys/values of each beam's prefix
     # One beam per history to start, the empty prefix: the first step runs once per history, then beams fan out.
     scores = torch.zeros((batch_size, 1), device=device)
@@ -226,7 +246,7 @@ def _search(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch.Ten
     open_nodes = None if seen is None else catalogue.open_nodes(seen.to(device))
     for level, (level_tokens, children) in enumerate(zip(catalogue.level_tokens, catalogue.children)):
         # The level's tokens: log-probabilities of the vocabulary softmax, or logits still to be normalised below.
-        token_scores = model.beam_step(tokens, cache, cross_keys_values, mask).float()
+        token_scores = model.beam_step(tokens, cache, encoded.cross_keys_values, encoded.mask).float()
         if not model.catalogue_softmax:
             token_scores = token_scores.log_softmax(dim=-1)
         width = node.shape[1]
@@ -270,9 +290,7 @@ def generate_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: to
         raise ValueError(f"generate_top_k: generate returns at most beam_size={beam_size} lists, not top_k={top_k}")
     sid_length = catalogue.sid_tokens.shape[1]
     next_tokens = catalogue.next_tokens
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         hidden_states, mask = model.encode(input_ids, attention_mask)
         sequences = model.t5.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden_states), attention_mask=mask,
@@ -281,7 +299,5 @@ def generate_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: to
             # sent[0] is the decoder start token. A beam off the trie (there are more beams than the catalogue has
             # prefixes) may only go on with padding: generate refuses an empty list; its score stays -inf.
             prefix_allowed_tokens_fn=lambda _, sent: next_tokens.get(tuple(sent[1:].tolist()), [0]))
-    finally:
-        model.train(was_training)
     return torch.tensor([catalogue.item_of_sid.get(tuple(sid), -1) for sid in sequences[:, 1:].tolist()],
                         device=input_ids.device).view(-1, top_k)

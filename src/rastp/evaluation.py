@@ -87,7 +87,7 @@ def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, to
         for batch in tqdm(DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=data.collate),
                           desc="exact search" if exact else "beam search", unit="batch"):
             found = search(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), catalogue,
-                                beam_size=beam_size, top_k=top_k, seen=batch["seen"] if exclude_seen else None)
+                           beam_size=beam_size, top_k=top_k, seen=batch["seen"] if exclude_seen else None)
             ranked.append(found.items.cpu())
             targets.append(batch["target"])
             num_short += found.num_short
