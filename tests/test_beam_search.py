@@ -222,3 +222,34 @@ def test_open_nodes_close_prefixes_whose_items_are_all_seen():
         [[False, True], [True, False], [True, True]],  # prefixes (1, 5) and (2, 6)
         [[False, False, True], [True, True, False], [True, True, True]],  # items
     ]
+
+
+@pytest.mark.parametrize("options", [{}, {"catalogue_softmax": True}])
+@pytest.mark.parametrize("last_level", ["varied", "one child"])
+def test_last_level_scores_only_the_beams_that_can_reach_the_top_k(options, last_level, monkeypatch):
+    """Given top_k < beam_size, the last level skips every beam whose prefix scores below the top_k-th item found
+    among the first top_k beams: the same top_k as scoring every beam, for fewer decoder rows. With one child per
+    prefix at the last level (a collision-free extra level) and the catalogue softmax, an item scores what its prefix
+    does: only the first top_k beams are scored."""
+    catalogue = make_catalogue(40)
+    if last_level == "one child":
+        prefixes = torch.unique(catalogue.sid_tokens[:, :-1], dim=0)
+        catalogue = SidCatalogue(torch.cat([prefixes, prefixes.new_full((len(prefixes), 1), 1 + CODES * (LEVELS - 1))], dim=1))
+    model = make_model(**options)
+    input_ids, mask = make_histories()
+    beam_size, top_k = 12, 3
+    rows_per_step = []
+    beam_step = model.beam_step
+    monkeypatch.setattr(model, "beam_step", lambda tokens, *args: rows_per_step.append(len(tokens))
+                        or beam_step(tokens, *args))
+    every_beam = beam_search(model, input_ids, mask, catalogue, beam_size=beam_size, top_k=beam_size)
+    assert rows_per_step[-1] == len(input_ids) * beam_size  # top_k = beam_size: every beam is scored
+    rows_per_step.clear()
+    result = beam_search(model, input_ids, mask, catalogue, beam_size=beam_size, top_k=top_k)
+    assert torch.equal(result.items, every_beam.items[:, :top_k])
+    torch.testing.assert_close(result.scores, every_beam.scores[:, :top_k])
+    first, *more = rows_per_step[LEVELS - 1:]  # the last level: the first top_k beams, then those that reach the bar
+    assert first == len(input_ids) * top_k
+    if last_level == "one child" and options:
+        assert more == []
+    assert first + sum(more) <= len(input_ids) * beam_size

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, DynamicCache, T5Config, T5ForConditionalGeneration
+from transformers import AttentionInterface, T5Config, T5ForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, create_bidirectional_mask, sdpa_mask
 from transformers.models.t5.modeling_t5 import T5Attention
@@ -169,6 +169,30 @@ def select_tokens(importance: torch.Tensor, attention_mask: torch.Tensor, keep_r
     return order % length, order < length
 
 
+@dataclass
+class BeamCache:
+    """The decoder's self-attention keys and values of every beam's prefix (`Tiger.beam_step`): per decoder block, one
+    [R, H, d_kv] tensor per position of the prefix, R beams. A step appends a position and copies nothing earlier
+    (transformers' DynamicCache concatenates at every step)."""
+
+    keys: list[list[torch.Tensor]]
+    values: list[list[torch.Tensor]]
+
+    @classmethod
+    def empty(cls, num_blocks: int) -> BeamCache:
+        return cls([[] for _ in range(num_blocks)], [[] for _ in range(num_blocks)])
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far."""
+        return len(self.keys[0])
+
+    def select(self, beams: torch.LongTensor) -> BeamCache:
+        """The cache of the given beams [R'] (one beam may be taken for several: continuations of one prefix)."""
+        return BeamCache(*([[t.index_select(0, beams) for t in block] for block in blocks]
+                           for blocks in (self.keys, self.values)))
+
+
 class Tiger(nn.Module):
     """TIGER: a T5 encoder-decoder over semantic-ID tokens, with optional RASTP pruning in the encoder.
 
@@ -301,43 +325,62 @@ class Tiger(nn.Module):
                        decoder_input_ids=decoder_input_ids, use_cache=False).logits
 
     def cross_attention_keys_values(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Each decoder block's cross-attention keys and values [B, H, T', d_kv], projected once per history."""
+        """Each decoder block's cross-attention keys, transposed [B, H, d_kv, T'] (ready for query @ keys), and values
+        [B, H, T', d_kv], projected once per history."""
         keys_values = []
         for block in self.t5.decoder.block:
             attention = block.layer[1].EncDecAttention
             shape = (*encoder_hidden_states.shape[:2], attention.n_heads, attention.key_value_proj_dim)
-            keys_values.append(tuple(projection(encoder_hidden_states).view(shape).transpose(1, 2)
-                                     for projection in (attention.k, attention.v)))
+            keys = attention.k(encoder_hidden_states).view(shape).permute(0, 2, 3, 1).contiguous()
+            keys_values.append((keys, attention.v(encoder_hidden_states).view(shape).transpose(1, 2)))
         return keys_values
 
-    def beam_step(self, tokens: torch.LongTensor, self_attention_cache: DynamicCache,
-                  cross_keys_values: list[tuple[torch.Tensor, ...]],
+    def beam_step(self, tokens: torch.LongTensor, cache: BeamCache, cross_keys_values: list[tuple[torch.Tensor, ...]],
                   encoder_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B * W, V] of W beams per history, each fed its last token [B * W, 1].
+        """Next-token logits [B * W, V] of W beams per history, each fed its last token [B * W]; appends the beams'
+        self-attention keys and values to `cache`. Eval mode only (no dropout).
 
-        The stock decoder block by block, except that cross-attention groups the W beams of a history as W queries
-        on that history's keys/values: the stock decoder would need them repeated W times (W times the projections
-        and memory traffic). Equals `decode` (tested through beam search's exactness).
+        The stock decoder block by block, with its weights, but its attention written for one query per beam: the
+        self-attention reads the cached prefix (at most the SID's length), cross-attention groups the W beams of a
+        history as W queries on that history's keys/values (`cross_attention_keys_values`), where the stock decoder
+        would need them repeated W times. At these sizes SDPA's CPU kernel costs more than the arithmetic. Equals
+        `decode` (tested through the beam search's exactness).
         """
+        if self.training:
+            raise RuntimeError("Tiger.beam_step runs in eval mode (it applies no dropout)")
         decoder = self.t5.decoder
         batch_size = encoder_attention_mask.shape[0]
-        hidden_states = decoder.dropout(decoder.embed_tokens(tokens))
+        hidden_states = decoder.embed_tokens(tokens)  # [R, d], R = B * W
         rows = hidden_states.shape[0]
-        can_attend = encoder_attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T'], broadcast over heads and beams
-        position_bias = None  # block 0 computes the decoder's relative position bias for this step; shared after
-        for block, (keys, values) in zip(decoder.block, cross_keys_values):
-            # Causal self-attention over the cached beam prefix: one query, no mask needed.
-            hidden_states, position_bias, _ = block.layer[0](hidden_states, position_bias=position_bias,
-                                                             past_key_values=self_attention_cache)
+        step = cache.length  # the query's position; the keys are at 0..step
+        position_bias = decoder.block[0].layer[0].SelfAttention.compute_bias(
+            1, step + 1, device=hidden_states.device, past_seen_tokens=step)[0, :, 0]  # [H, step + 1]
+        # Additive: T5 has no 1/sqrt(d_kv) scaling and no cross-attention position bias; every history has a real token.
+        cross_bias = torch.zeros(encoder_attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        cross_bias = cross_bias.masked_fill(~encoder_attention_mask.bool(), torch.finfo(hidden_states.dtype).min)
+        for block, (keys_t, values), past_keys, past_values in zip(decoder.block, cross_keys_values, cache.keys,
+                                                                   cache.values):
+            layer = block.layer[0]
+            attention = layer.SelfAttention
+            normed = layer.layer_norm(hidden_states)
+            query, key, value = (projection(normed).view(rows, attention.n_heads, attention.key_value_proj_dim)
+                                 for projection in (attention.q, attention.k, attention.v))
+            past_keys.append(key)
+            past_values.append(value)
+            scores = torch.stack([(query * k).sum(dim=-1) for k in past_keys], dim=-1) + position_bias  # [R, H, t+1]
+            probs = scores.softmax(dim=-1)
+            attended = sum(probs[..., j, None] * v for j, v in enumerate(past_values))
+            hidden_states = hidden_states + attention.o(attended.view(rows, -1))
+
             layer = block.layer[1]
             attention = layer.EncDecAttention
             query = attention.q(layer.layer_norm(hidden_states)).view(batch_size, -1, attention.n_heads,
                                                                       attention.key_value_proj_dim).transpose(1, 2)
-            # T5 attention has no 1/sqrt(d_kv) scaling and no cross-attention position bias.
-            attended = nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=can_attend, scale=1.0)
-            hidden_states = hidden_states + layer.dropout(attention.o(attended.transpose(1, 2).reshape(rows, 1, -1)))
+            probs = (query @ keys_t + cross_bias[:, None, None, :]).softmax(dim=-1)  # [B, H, W, T']
+            attended = (probs @ values).transpose(1, 2).reshape(rows, -1)
+            hidden_states = hidden_states + attention.o(attended)
             hidden_states = block.layer[-1](hidden_states)
-        hidden_states = decoder.dropout(decoder.final_layer_norm(hidden_states))
+        hidden_states = decoder.final_layer_norm(hidden_states)
         if self.t5.config.scale_decoder_outputs:  # as T5ForConditionalGeneration (T5's d_model^-0.5)
             hidden_states = hidden_states * self.t5.config.d_model**-0.5
-        return self.t5.lm_head(hidden_states[:, -1])
+        return self.t5.lm_head(hidden_states)
