@@ -341,10 +341,10 @@ class Tiger(nn.Module):
         self-attention keys and values to `cache`. Eval mode only (no dropout).
 
         The stock decoder block by block, with its weights, but its attention written for one query per beam: the
-        self-attention reads the cached prefix (at most the SID's length), cross-attention groups the W beams of a
-        history as W queries on that history's keys/values (`cross_attention_keys_values`), where the stock decoder
-        would need them repeated W times. At these sizes SDPA's CPU kernel costs more than the arithmetic. Equals
-        `decode` (tested through the beam search's exactness).
+        self-attention reads the beams' cached prefixes (at most the SID's length) from a cache that the search can
+        split by beams (`BeamCache.select`), cross-attention groups the W beams of a history as W queries on that
+        history's keys/values (`cross_attention_keys_values`), where the stock decoder would need them repeated W
+        times. Equals `decode` (tested through the beam search's exactness).
         """
         if self.training:
             raise RuntimeError("Tiger.beam_step runs in eval mode (it applies no dropout)")
