@@ -234,7 +234,8 @@ def test_last_level_scores_only_the_beams_that_can_reach_the_top_k(options, last
     catalogue = make_catalogue(40)
     if last_level == "one child":
         prefixes = torch.unique(catalogue.sid_tokens[:, :-1], dim=0)
-        catalogue = SidCatalogue(torch.cat([prefixes, prefixes.new_full((len(prefixes), 1), 1 + CODES * (LEVELS - 1))], dim=1))
+        last_code = prefixes.new_full((len(prefixes), 1), 1 + CODES * (LEVELS - 1))  # the last level's code 0
+        catalogue = SidCatalogue(torch.cat([prefixes, last_code], dim=1))
     model = make_model(**options)
     input_ids, mask = make_histories()
     beam_size, top_k = 12, 3
