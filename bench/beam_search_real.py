@@ -5,24 +5,26 @@
 Takes the stage scripts' arguments and loads what the train stage saved for them (`data/models/<ds>/tiger.pt`, or a
 hand run's under `runs/`), with the dataset's prepared data and semantic IDs. The same test users (a fixed random
 subset; `--users 0`: all) are decoded by our `beam_search` and by `generate_top_k` (transformers' `generate` with
-`num_beams` and `prefix_allowed_tokens_fn` over the trie) at `evaluate.beam_size` and `evaluate.batch_size`, in fp32,
-from the same encoder states and in the same batches; the two searches take turns batch by batch, after an untimed
+`num_beams` and `prefix_allowed_tokens_fn` over the trie) at `evaluate.beam_size` and `evaluate.batch_size`, in fp32
+(as the evaluate stage) or with `--precision bf16` both under bf16 autocast (bf16 matmuls, fp32 weights; for a device
+that multiplies bf16 in hardware), from the same encoder states and in the same batches; the two searches take turns batch by batch, after an untimed
 warm-up batch each, so that machine load hits them alike. Four settings:
 - the model pruned at test time as the evaluate stage scores it (its `tiger.rastp.at_eval`) and the other way;
 - batches of histories of like lengths, as the evaluate stage forms them (`length_order`), and batches in the users'
   own order, as a plain DataLoader forms them.
 For each: users/s of both and the speed-up (target: >= 5x), how many top-10 lists are identical and, where they
-differ, which list the model scores higher (every item's log-probability from a beam as wide as the catalogue, with
-which `beam_search` is exact). For the model as evaluated, also: each user's exact top-10 (`exact_top_k`, timed in the
+differ, which list the model scores higher in fp32 (the sum of its items' log-probabilities, teacher-forced through the stock
+T5 decoder). For the model as evaluated (in fp32 only), also: each user's exact top-10 (`exact_top_k`, timed in the
 same turns), how much of it a beam of `evaluate.beam_size` finds, with Recall / NDCG of the beam's lists and of the
 exact ones; and each search's peak memory over one batch, each in a fresh process.
-Prints a table and writes bench/results/beam_search_<dataset>[_<hand-run hash>].json.
+Prints a table and writes bench/results/beam_search_<dataset>[_<hand-run hash>][_bf16].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import platform
 
 import numpy as np
@@ -41,21 +43,25 @@ from rastp.training import SequenceBatches, length_order, load_model, make_examp
 
 SEARCHES = ("beam_search", "generate")
 ORDERS = ("length", "user")  # batches of like lengths (the evaluate stage's), or in the users' own order
-FULL_BEAM_BATCH = 2  # users per search with a beam as wide as the catalogue
+PRECISIONS = ("32", "bf16")
+SCORED_USERS_BATCH = 64  # users per teacher-forced scoring of their lists
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=2000, help="test users decoded by both searches (a fixed random "
                                                             "subset; 0: all)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="32", help="32: fp32, as the evaluate stage; bf16: "
+                    "both searches under bf16 autocast")
     args, stage_args = ap.parse_known_args(argv)
+    bf16 = args.precision == "bf16"
     kept_freed_memory = keep_freed_memory_for_reuse()  # run_stage has applied it already: this reads whether it took
     setup = load_setup(stage_args, args.users)
     model, catalogue, data, device = setup["model"], setup["catalogue"], setup["data"], setup["device"]
     as_evaluated = model.rastp.at_eval
     print(f"[bench] {setup['paths'].dataset}: {len(data)} test users in batches of {setup['batch_size']}, beam "
-          f"{setup['beam_size']}, {len(catalogue)} items, {device}, {torch.get_num_threads()} threads; the model "
-          f"prunes at test time: {model.rastp.enabled and as_evaluated}", flush=True)
+          f"{setup['beam_size']}, {len(catalogue)} items, {device}, {torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'fp32'}; "
+          f"the model prunes at test time: {model.rastp.enabled and as_evaluated}", flush=True)
 
     settings = {}
     for at_eval in (as_evaluated, not as_evaluated):
@@ -65,24 +71,24 @@ def main(argv: list[str]) -> None:
         pruned = model.rastp.enabled and at_eval
         for order in ORDERS:
             name = f"{'pruned' if pruned else 'unpruned'}_{order}_order"
-            settings[name] = compare(model, catalogue, batches_of(data, setup, order), setup, name,
-                                     exact=at_eval == as_evaluated and order == "length")
+            settings[name] = compare(model, catalogue, batches_of(data, setup, order), setup, name, bf16=bf16,
+                                     exact=at_eval == as_evaluated and order == "length" and not bf16)
             settings[name].update(pruned_at_test_time=pruned, as_evaluated=at_eval == as_evaluated, order=order)
     model.rastp = dataclasses.replace(model.rastp, at_eval=as_evaluated)
-    memory = {search: peak_memory(search, stage_args, args.users) for search in SEARCHES}
+    memory = {search: peak_memory(search, stage_args, args.users, bf16) for search in SEARCHES}
 
     result = {
         "args": stage_args, "dataset": setup["paths"].dataset, "model": str(setup["model_path"]),
         "rastp": dataclasses.asdict(model.rastp), "beam_size": setup["beam_size"],
         "batch_size": setup["batch_size"], "users": len(data), "items": len(catalogue),
         "history_tokens": {"mean": round(float(np.mean(setup["lengths"])), 1), "max": int(np.max(setup["lengths"]))},
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(device), "threads": torch.get_num_threads(), "precision": "bf16 autocast" if bf16 else "fp32",
         "machine": platform.processor() or platform.machine(),
         "keep_freed_memory_for_reuse": kept_freed_memory, "settings": settings,
         "peak_memory_mib": memory,  # the model as evaluated, batches by length
         "memory_unit": "MiB peak allocated" if device.type == "cuda" else "MiB peak RSS increase",
     }
-    write_json(f"bench/results/beam_search_{setup['paths'].result_name()}.json", result)
+    write_json(f"bench/results/beam_search_{setup['paths'].result_name()}{'_bf16' if bf16 else ''}.json", result)
 
     print("\n| setting | beam_search users/s | generate users/s | speed-up | identical top-10 lists | differing: "
           "tied / ours higher / generate higher |\n|---|---|---|---|---|---|")
@@ -93,7 +99,8 @@ def main(argv: list[str]) -> None:
               f"{d['generate_scores_higher']} |")
     main_setting = next(s for s in settings.values() if s["as_evaluated"] and s["order"] == "length")
     print(f"test metrics: {main_setting['test_metrics']}")
-    print(f"exact top-10: {main_setting['exactness']}")
+    if "exactness" in main_setting:
+        print(f"exact top-10: {main_setting['exactness']}")
     print(f"peak memory ({result['memory_unit']}): {memory}")
 
 
@@ -127,21 +134,28 @@ def batches_of(data: SequenceBatches, setup: dict, order: str) -> list[dict]:
             for batch in DataLoader(data, batch_size=setup["batch_size"], sampler=sampler, collate_fn=data.collate)]
 
 
-def search_function(name: str, model, catalogue: SidCatalogue, beam_size: int, top_k: int):
-    """batch -> top_k items [B, top_k] by our beam search, our exact search or transformers' generate."""
+def search_function(name: str, model, catalogue: SidCatalogue, beam_size: int, top_k: int, bf16: bool):
+    """batch -> top_k items [B, top_k] by our beam search, our exact search or transformers' generate; `bf16`: under
+    bf16 autocast."""
     if name in ("beam_search", "exact"):
-        search = beam_search if name == "beam_search" else exact_top_k
-        return lambda batch: search(model, batch["input_ids"], batch["attention_mask"], catalogue,
-                                    beam_size=beam_size, top_k=top_k).items
-    return lambda batch: generate_top_k(model, batch["input_ids"], batch["attention_mask"], catalogue,
-                                        beam_size=beam_size, top_k=top_k)
+        search = functools.partial(beam_search if name == "beam_search" else exact_top_k, beam_size=beam_size,
+                                   top_k=top_k)
+    else:
+        search = functools.partial(generate_top_k, beam_size=beam_size, top_k=top_k)
+
+    def run(batch: dict) -> torch.LongTensor:
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+            found = search(model, batch["input_ids"], batch["attention_mask"], catalogue)
+        return found if name == "generate" else found.items
+    return run
 
 
-def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, name: str, *, exact: bool) -> dict:
-    """Both searches (and with `exact` the exact search too) on the same batches, timed in turns; their lists compared,
-    the differing ones against every item's log-probability."""
+def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, name: str, *, bf16: bool,
+            exact: bool) -> dict:
+    """Both searches (and with `exact` the exact search too) on the same batches, timed in turns, under bf16 autocast
+    with `bf16`; their lists compared, the differing ones against every item's fp32 log-probability."""
     names = SEARCHES + (("exact",) if exact else ())
-    searches = {search: search_function(search, model, catalogue, setup["beam_size"], setup["top_k"])
+    searches = {search: search_function(search, model, catalogue, setup["beam_size"], setup["top_k"], bf16)
                 for search in names}
     found = {search: [] for search in names}
     seconds = dict.fromkeys(names, 0.0)
@@ -160,10 +174,8 @@ def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, na
     identical = (ours == theirs).all(dim=1)
 
     differ = (~identical).nonzero()[:, 0]
-    log_probs = full_beam_log_probs(model, catalogue, batches, differ.tolist())
-    list_log_prob = {search: log_probs.gather(1, items[differ].clamp(min=0)).masked_fill(items[differ] < 0,
-                                                                                         float("-inf")).sum(dim=1)
-                     for search, items in (("beam_search", ours), ("generate", theirs))}
+    list_log_prob = list_log_probs(model, catalogue, batches, differ,
+                                   {"beam_search": ours[differ], "generate": theirs[differ]})
     margin = list_log_prob["beam_search"] - list_log_prob["generate"]
     tied = margin.abs().le(1e-4)  # the same items, or items the model scores alike to float precision
     result = {
@@ -191,19 +203,29 @@ def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, na
 
 
 @torch.inference_mode()
-def full_beam_log_probs(model, catalogue: SidCatalogue, batches: list[dict], rows: list[int]) -> torch.Tensor:
-    """Every catalogue item's log-probability [R, N] for the given users (indices into the batches' rows), by a beam
-    as wide as the catalogue (no prefix is ever dropped)."""
+def list_log_probs(model, catalogue: SidCatalogue, batches: list[dict], rows: torch.LongTensor,
+                   lists: dict[str, torch.LongTensor]) -> dict[str, torch.Tensor]:
+    """Each list's log-probability [R] (the sum of its items'; -inf where it is short) for the given users (indices
+    into the batches' rows), in fp32 and from the stock T5 decoder, teacher-forced on the items' SIDs: a judge that is
+    neither search's own decoding. `lists`: name -> items [R, K]."""
+    model.eval()
     width = max(batch["input_ids"].shape[1] for batch in batches)
     inputs = {key: torch.cat([pad_to(batch[key], width) for batch in batches])
               for key in ("input_ids", "attention_mask")}
-    log_probs = [torch.empty(0, len(catalogue))]
-    for start in tqdm(range(0, len(rows), FULL_BEAM_BATCH), desc="full beam", unit="batch"):
-        index = torch.tensor(rows[start:start + FULL_BEAM_BATCH], device=inputs["input_ids"].device)
-        found = beam_search(model, inputs["input_ids"][index], inputs["attention_mask"][index], catalogue,
-                            beam_size=len(catalogue), top_k=len(catalogue))
-        log_probs.append(torch.empty_like(found.scores).scatter_(1, found.items, found.scores).cpu())
-    return torch.cat(log_probs)
+    found = {name: [torch.empty(0)] for name in lists}
+    for start in tqdm(range(0, len(rows), SCORED_USERS_BATCH), desc="scoring the differing lists", unit="batch"):
+        chunk = slice(start, start + SCORED_USERS_BATCH)
+        index = rows[chunk].to(inputs["input_ids"].device)
+        hidden_states, mask = model.encode(inputs["input_ids"][index], inputs["attention_mask"][index])
+        for name, items in lists.items():
+            items = items[chunk].to(index.device)
+            labels = catalogue.sid_tokens[items.clamp(min=0)].flatten(0, 1)  # [R * K, S]
+            decoder_input_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
+            logits = model.decode(decoder_input_ids, hidden_states.repeat_interleave(items.shape[1], 0),
+                                  mask.repeat_interleave(items.shape[1], 0)).float()
+            item_log_probs = logits.log_softmax(-1).gather(-1, labels[..., None]).sum(dim=(1, 2)).view(items.shape)
+            found[name].append(item_log_probs.masked_fill(items < 0, float("-inf")).sum(dim=1).cpu())
+    return {name: torch.cat(parts) for name, parts in found.items()}
 
 
 def pad_to(rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -216,7 +238,7 @@ def overlap(items: torch.LongTensor, reference: torch.LongTensor) -> float:
     return float((items[:, :, None] == reference[:, None, :]).any(dim=1).float().mean())
 
 
-def peak_memory_child(search: str, stage_args: list[str], num_users: int, threads: int, queue) -> None:
+def peak_memory_child(search: str, stage_args: list[str], num_users: int, bf16: bool, threads: int, queue) -> None:
     """One batch of one search in a fresh process (the model as evaluated, the batch of the longest histories), so
     that its peak memory is its own."""
     keep_freed_memory_for_reuse()  # as in main, and in the stages
@@ -225,13 +247,13 @@ def peak_memory_child(search: str, stage_args: list[str], num_users: int, thread
     catalogue = setup["catalogue"]
     catalogue.next_tokens, catalogue.item_of_sid  # noqa: B018 -- built once per catalogue, before measuring
     batch = batches_of(setup["data"], setup, "length")[-1]  # the longest histories
-    run = search_function(search, setup["model"], catalogue, setup["beam_size"], setup["top_k"])
+    run = search_function(search, setup["model"], catalogue, setup["beam_size"], setup["top_k"], bf16)
     with torch.inference_mode():
         queue.put(peak_memory_mib(lambda: run(batch), setup["device"]))
 
 
-def peak_memory(search: str, stage_args: list[str], num_users: int) -> float:
-    return round(in_fresh_process(peak_memory_child, search, stage_args, num_users, torch.get_num_threads()), 1)
+def peak_memory(search: str, stage_args: list[str], num_users: int, bf16: bool) -> float:
+    return round(in_fresh_process(peak_memory_child, search, stage_args, num_users, bf16, torch.get_num_threads()), 1)
 
 
 if __name__ == "__main__":
