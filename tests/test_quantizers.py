@@ -263,6 +263,27 @@ def test_same_seed_same_codes():
     np.testing.assert_array_equal(a.codes, b.codes)
 
 
+def test_codebook_gradients_are_the_same_run_to_run_on_two_threads():
+    # Indexing's backward (index_put_ with accumulate) summed a code's gradients in a thread-dependent order on CPU:
+    # the pipeline's codebook came out different at every run. The lookup must not depend on the threads.
+    generator = torch.Generator().manual_seed(0)
+    quantizer = ResidualQuantizer(levels=2, codebook_size=16, dim=32).train()
+    z = torch.randn(4096, 32, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(8):
+            quantizer.zero_grad()
+            q = quantizer(z)
+            sum((r.detach() - e).pow(2).sum() for r, e in zip(q.residuals, q.codewords)).backward()  # the codebook loss
+            grads.append(quantizer.codebooks.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+
+
 def test_codebook_trains_in_fp32_whatever_trainer_precision_says():
     # trainer.precision is TIGER's: a bf16-mixed override used to reach the tokenizer and crash its dead-code reset.
     x = clustered()

@@ -308,7 +308,9 @@ class ResidualQuantizer(nn.Module):
             d2 = squared_distances(residual, codebook)
             code = self.hard_codes(d2.detach(), level, z.new_zeros((len(z), 0), dtype=torch.long) if level == 0
                                    else torch.stack(codes, 1), last_level or self.last_level)
-            e = codebook[code]
+            # A lookup whose backward is deterministic: indexing's (index_put_ with accumulate) sums a code's
+            # gradients in a thread-dependent order on CPU, and the codebook came out different run to run.
+            e = nn.functional.embedding(code, codebook)
             # Gumbel: the relaxed code choice (logits = negative distances) feeds the next level and the
             # decoder; the codebook terms use the hard codeword, so a flat softmax cannot pull codes together.
             step = gumbel_softmax(-d2, temperature) @ codebook if relax else e
