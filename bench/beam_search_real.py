@@ -7,15 +7,15 @@ hand run's under `runs/`), with the dataset's prepared data and semantic IDs. Th
 subset; `--users 0`: all) are decoded by our `beam_search` and by `generate_top_k` (transformers' `generate` with
 `num_beams` and `prefix_allowed_tokens_fn` over the trie) at `evaluate.beam_size` and `evaluate.batch_size`, in fp32
 (as the evaluate stage) or with `--precision bf16` both under bf16 autocast (bf16 matmuls, fp32 weights; for a device
-that multiplies bf16 in hardware), from the same encoder states and in the same batches; the two searches take turns batch by batch, after an untimed
-warm-up batch each, so that machine load hits them alike. Four settings:
+that multiplies bf16 in hardware), from the same encoder states and in the same batches; the two searches take turns
+batch by batch, after an untimed warm-up batch each, so that machine load hits them alike. Four settings:
 - the model pruned at test time as the evaluate stage scores it (its `tiger.rastp.at_eval`) and the other way;
 - batches of histories of like lengths, as the evaluate stage forms them (`length_order`), and batches in the users'
   own order, as a plain DataLoader forms them.
 For each: users/s of both and the speed-up (target: >= 5x), how many top-10 lists are identical and, where they
-differ, which list the model scores higher in fp32 (the sum of its items' log-probabilities, teacher-forced through the stock
-T5 decoder). For the model as evaluated (in fp32 only), also: each user's exact top-10 (`exact_top_k`, timed in the
-same turns), how much of it a beam of `evaluate.beam_size` finds, with Recall / NDCG of the beam's lists and of the
+differ, which list the model scores higher in fp32 (the sum of its items' log-probabilities, teacher-forced through the
+stock T5 decoder). For the model as evaluated (in fp32 only), also: each user's exact top-10 (`exact_top_k`, timed in
+the same turns), how much of it a beam of `evaluate.beam_size` finds, with Recall / NDCG of the beam's lists and of the
 exact ones; and each search's peak memory over one batch, each in a fresh process.
 Prints a table and writes bench/results/beam_search_<dataset>[_<hand-run hash>][_bf16].json.
 """
@@ -60,8 +60,9 @@ def main(argv: list[str]) -> None:
     model, catalogue, data, device = setup["model"], setup["catalogue"], setup["data"], setup["device"]
     as_evaluated = model.rastp.at_eval
     print(f"[bench] {setup['paths'].dataset}: {len(data)} test users in batches of {setup['batch_size']}, beam "
-          f"{setup['beam_size']}, {len(catalogue)} items, {device}, {torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'fp32'}; "
-          f"the model prunes at test time: {model.rastp.enabled and as_evaluated}", flush=True)
+          f"{setup['beam_size']}, {len(catalogue)} items, {device}, {torch.get_num_threads()} threads, "
+          f"{'bf16 autocast' if bf16 else 'fp32'}; the model prunes at test time: "
+          f"{model.rastp.enabled and as_evaluated}", flush=True)
 
     settings = {}
     for at_eval in (as_evaluated, not as_evaluated):
@@ -153,7 +154,7 @@ def search_function(name: str, model, catalogue: SidCatalogue, beam_size: int, t
 def compare(model, catalogue: SidCatalogue, batches: list[dict], setup: dict, name: str, *, bf16: bool,
             exact: bool) -> dict:
     """Both searches (and with `exact` the exact search too) on the same batches, timed in turns, under bf16 autocast
-    with `bf16`; their lists compared, the differing ones against every item's fp32 log-probability."""
+    with `bf16`; their lists compared, the differing ones by the model's fp32 scores (`list_log_probs`)."""
     names = SEARCHES + (("exact",) if exact else ())
     searches = {search: search_function(search, model, catalogue, setup["beam_size"], setup["top_k"], bf16)
                 for search in names}
