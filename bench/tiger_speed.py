@@ -12,6 +12,7 @@ after 1 user token, batch 256: the shapes of Beauty, no signal. Everything runs 
    and Tiger with torch's dropout vs its packed dropout (the same model otherwise; the gain is CPU-only)
    Also stock T5, Tiger and RASTP under bf16 autocast (`trainer.precision=bf16-mixed`) against fp32, on CPU or GPU
    alike, and in bf16 Tiger with transformers' SDPA attention vs its own (`tiger_attention`, which differs on CPU)
+   and with T5's feed-forward vs its own (`FeedForward`, which skips a bf16 -> fp32 -> bf16 round trip)
 4. peak memory of training and evaluation, each in a fresh process (CUDA: peak allocated; CPU: peak RSS increase)
 Like the stages, it keeps freed CPU memory for reuse (`rastp.hardware.keep_freed_memory_for_reuse`; recorded in the
 JSON); `RASTP_GLIBC_MALLOC_DEFAULTS=1` runs it on glibc's defaults.
@@ -25,6 +26,7 @@ import platform
 
 import torch
 import yaml
+from transformers.models.t5.modeling_t5 import T5DenseActDense
 
 from rastp.beam_search import SidCatalogue, beam_search, generate_top_k
 from rastp.hardware import in_fresh_process, keep_freed_memory_for_reuse, peak_memory_mib, timed
@@ -56,11 +58,12 @@ def synthetic_batch(sid_tokens: torch.Tensor, batch_size: int, generator: torch.
 
 
 def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
-    """`stock`: T5ForConditionalGeneration alone (torch's dropout, transformers' SDPA attention); `tiger`: pruning
-    off; `tiger_torch_dropout`: the same with torch's dropout instead of the packed one; `tiger_sdpa`: the same with
-    transformers' SDPA attention instead of `tiger_attention`; `rastp`: pruning on (params' settings); a `_bf16`
-    suffix: the same model, trained under bf16 autocast (`train_step`). Every variant scores with the vocabulary
-    softmax, the one `generate` has."""
+    """`stock`: T5ForConditionalGeneration alone (torch's dropout, transformers' SDPA attention, T5's feed-forward);
+    `tiger`: pruning off; `tiger_torch_dropout`: the same with torch's dropout instead of the packed one; `tiger_sdpa`:
+    the same with transformers' SDPA attention instead of `tiger_attention`; `tiger_t5_feed_forward`: the same with
+    T5's feed-forward instead of `rastp.tiger.FeedForward`; `rastp`: pruning on (params' settings); a `_bf16` suffix:
+    the same model, trained under bf16 autocast (`train_step`). Every variant scores with the vocabulary softmax, the
+    one `generate` has."""
     variant = variant.removesuffix("_bf16")
     sizes = {k: tiger_params[k] for k in ("num_layers", "num_decoder_layers", "d_model", "num_heads", "d_kv", "d_ff",
                                           "dropout", "tie_embeddings")}
@@ -71,6 +74,11 @@ def build(variant: str, tiger_params: dict, seed: int) -> torch.nn.Module:
                   packed_dropout=variant not in ("stock", "tiger_torch_dropout"))
     if variant in ("stock", "tiger_sdpa"):
         model.t5.set_attn_implementation("sdpa")
+    if variant in ("stock", "tiger_t5_feed_forward"):
+        for block in (*model.t5.encoder.block, *model.t5.decoder.block):
+            ours, stock = block.layer[-1].DenseReluDense, T5DenseActDense(model.t5.config)
+            stock.wi, stock.dropout, stock.wo = ours.wi, ours.dropout, ours.wo  # the same modules, T5's forward
+            block.layer[-1].DenseReluDense = stock
     return model.t5 if variant == "stock" else model
 
 
@@ -145,8 +153,8 @@ def main() -> None:
     print(f"[bench] {device}, {torch.get_num_threads()} threads; rastp {rastp_cfg}")
 
     # 1 + 3: training steps, the variants interleaved step by step so that machine load hits them alike.
-    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp", "stock_bf16", "tiger_sdpa_bf16", "tiger_bf16",
-                "rastp_bf16"]
+    variants = ["stock", "tiger_torch_dropout", "tiger", "rastp", "stock_bf16", "tiger_sdpa_bf16",
+                "tiger_t5_feed_forward_bf16", "tiger_bf16", "rastp_bf16"]
     models = {v: build(v, params["tiger"], seed).to(device).train() for v in variants}
     optimizers = {v: torch.optim.AdamW(m.parameters()) for v, m in models.items()}
     seconds = dict.fromkeys(variants, 0.0)
@@ -185,6 +193,7 @@ def main() -> None:
               "tiger_vs_stock_step_time": round(seconds["tiger"] / seconds["stock"], 3),
               "tiger_vs_stock_step_time_bf16": round(seconds["tiger_bf16"] / seconds["stock_bf16"], 3),
               "tiger_attention_speedup_bf16": round(seconds["tiger_sdpa_bf16"] / seconds["tiger_bf16"], 3),
+              "feed_forward_speedup_bf16": round(seconds["tiger_t5_feed_forward_bf16"] / seconds["tiger_bf16"], 3),
               "packed_dropout_speedup": round(seconds["tiger_torch_dropout"] / seconds["tiger"], 3),
               "bf16_speedup_tiger": round(seconds["tiger"] / seconds["tiger_bf16"], 3),
               "bf16_speedup_rastp": round(seconds["rastp"] / seconds["rastp_bf16"], 3),

@@ -2,13 +2,15 @@ import math
 
 import pytest
 import torch
+from transformers import T5Config
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.t5.modeling_t5 import T5DenseActDense
 
 from types import SimpleNamespace
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rastp.tiger import RastpConfig, Tiger, packed_dropout, select_tokens, tiger_attention
+from rastp.tiger import FeedForward, RastpConfig, Tiger, packed_dropout, select_tokens, tiger_attention
 
 VOCAB, SID_LENGTH = 60, 3
 
@@ -334,6 +336,29 @@ def test_bf16_training_attention_is_formed_by_matmuls_with_sdpa_values_and_gradi
     assert tiger_attention(attention_module(False), *fp32, padding, scaling=1.0)[1] is None
     # and so does torch's dropout, for a model without packed dropout
     assert tiger_attention(attention_module(False, packed=False), *fp32, padding, dropout=0.1, scaling=1.0)[1] is None
+
+
+def test_feed_forward_equals_t5s_bit_for_bit_in_fp32_and_under_bf16_autocast():
+    torch.manual_seed(0)
+    stock = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0, feed_forward_proj="relu"))
+    ours = FeedForward(stock)  # the same weights
+    x = torch.randn(4, 7, 32)
+    for bf16 in (False, True):
+        outputs, grads = [], []
+        for module in (stock, ours):
+            module.zero_grad()
+            inputs = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = module(inputs)
+            out.float().square().sum().backward()
+            outputs.append(out)
+            grads.append((inputs.grad, module.wi.weight.grad, module.wo.weight.grad))
+        assert outputs[1].dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert torch.equal(*outputs) and outputs[0].abs().sum() > 0
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+    model = make_model()
+    assert all(isinstance(block.layer[-1].DenseReluDense, FeedForward)
+               for block in (*model.t5.encoder.block, *model.t5.decoder.block))
 
 
 def test_packed_dropout_model_trains_like_the_stock_dropout_model():

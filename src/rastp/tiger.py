@@ -6,7 +6,8 @@ encoder's tokens after one block (attention received x representation norm) and 
 so the later encoder blocks and the decoder's cross-attention run on a shorter sequence.
 
 The model is a stock `transformers.T5ForConditionalGeneration` (`Tiger.t5`): its weights, decoder and `generate`
-are the stock ones. Only the encoder is run by our own loop over `t5.encoder.block`, because pruning happens between
+are the stock ones (its feed-forward blocks, and on CPU its dropout, swapped for cheaper equivalents: `FeedForward`,
+`PackedDropout`). Only the encoder is run by our own loop over `t5.encoder.block`, because pruning happens between
 two of its blocks. With pruning off, `Tiger.encode` equals `t5.encoder` exactly. With `catalogue_softmax` the loss
 takes each SID token's softmax over the tokens the catalogue allows after its prefix (and the beam search scores alike).
 """
@@ -75,6 +76,22 @@ def packed_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
     keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= drops - 32768
     return x * keep * (65536 / (65536 - drops))
+
+
+class FeedForward(nn.Module):
+    """T5's feed-forward block (`DenseReluDense`: wi, ReLU, dropout, wo) with its weights and outputs, less one cast.
+
+    T5's casts the ReLU's output to wo's weight dtype: under bf16 autocast (bf16-mixed) that sends the widest activation,
+    [B, T, d_ff], from bf16 to fp32 and back (autocast casts it again for wo), forward and backward, for nothing. The
+    ReLU is in place. bf16-mixed training steps run ~5% faster on CPU, bit for bit the same (README).
+    """
+
+    def __init__(self, dense: nn.Module):
+        super().__init__()
+        self.wi, self.dropout, self.wo = dense.wi, dense.dropout, dense.wo
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.dropout(self.wi(hidden_states).relu_()))
 
 
 class PackedDropout(nn.Dropout):
@@ -224,6 +241,9 @@ class Tiger(nn.Module):
         config.packed_dropout = packed_dropout  # the same dropout, with a cheaper mask on CPU (`packed_dropout`)
         config._attn_implementation = TIGER_ATTENTION
         self.t5 = T5ForConditionalGeneration(config)
+        for block in (*self.t5.encoder.block, *self.t5.decoder.block):
+            feed_forward = block.layer[-1]
+            feed_forward.DenseReluDense = FeedForward(feed_forward.DenseReluDense)
         if not tie_embeddings:  # untied, `shared` would be left unused (DDP needs every parameter used)
             self.t5.encoder.embed_tokens = self.t5.shared
         if packed_dropout:
