@@ -81,9 +81,10 @@ def packed_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class FeedForward(nn.Module):
     """T5's feed-forward block (`DenseReluDense`: wi, ReLU, dropout, wo) with its weights and outputs, less one cast.
 
-    T5's casts the ReLU's output to wo's weight dtype: under bf16 autocast (bf16-mixed) that sends the widest activation,
-    [B, T, d_ff], from bf16 to fp32 and back (autocast casts it again for wo), forward and backward, for nothing. The
-    ReLU is in place. bf16-mixed training steps run ~5% faster on CPU, bit for bit the same (README).
+    T5's casts the ReLU's output to wo's weight dtype: under bf16 autocast (bf16-mixed) that sends the widest
+    activation, [B, T, d_ff], from bf16 to fp32 and back (autocast casts it again for wo), forward and backward, for
+    nothing. The ReLU is in place. bf16-mixed training steps run 1.02x-1.08x faster on CPU, bit for bit the same
+    (README).
     """
 
     def __init__(self, dense: nn.Module):
