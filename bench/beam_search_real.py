@@ -221,10 +221,9 @@ def list_log_probs(model, catalogue: SidCatalogue, batches: list[dict], rows: to
         for name, items in lists.items():
             items = items[chunk].to(index.device)
             labels = catalogue.sid_tokens[items.clamp(min=0)].flatten(0, 1)  # [R * K, S]
-            logits = model.decode(model.t5.prepare_decoder_input_ids_from_labels(labels=labels),
-                                  hidden_states.repeat_interleave(items.shape[1], 0),
-                                  mask.repeat_interleave(items.shape[1], 0)).float()
-            item_log_probs = logits.log_softmax(-1).gather(-1, labels[..., None]).sum(dim=(1, 2)).view(items.shape)
+            item_log_probs = model.sid_log_probs(hidden_states.repeat_interleave(items.shape[1], 0),
+                                                 mask.repeat_interleave(items.shape[1], 0), labels).sum(1)
+            item_log_probs = item_log_probs.view(items.shape)
             found[name].append(item_log_probs.masked_fill(items < 0, float("-inf")).sum(dim=1).cpu())
     return {name: torch.cat(parts) for name, parts in found.items()}
 

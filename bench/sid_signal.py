@@ -51,10 +51,9 @@ def model_cross_entropy(model, data: SequenceBatches, catalogue: SidCatalogue, b
         batch = data.collate(data.examples[start:start + batch_size])
         hidden, mask = model.encode(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
-        logits = model.decode(model.t5.prepare_decoder_input_ids_from_labels(labels=labels), hidden, mask)
-        if model.catalogue_softmax:
-            logits = logits.masked_fill(~catalogue.allowed_tokens(labels, logits.shape[-1]), float("-inf"))
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(0)
+        allowed = (catalogue.allowed_tokens(labels, model.t5.config.vocab_size) if model.catalogue_softmax
+                   else None)
+        ce = -model.sid_log_probs(hidden, mask, labels, allowed).sum(0)
         total = ce if total is None else total + ce
     return (total / len(data)).numpy()
 

@@ -48,13 +48,11 @@ def exhaustive_scores(model, input_ids, mask, catalogue) -> torch.Tensor:
     hidden, hidden_mask = model.encode(input_ids, mask)
     batch_size, num_items = len(input_ids), len(catalogue)
     labels = catalogue.sid_tokens.repeat(batch_size, 1)
-    decoder_input_ids = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], dim=1)
-    logits = model.decode(decoder_input_ids, hidden.repeat_interleave(num_items, 0),
-                             hidden_mask.repeat_interleave(num_items, 0))
-    if model.catalogue_softmax:  # each token's softmax over the catalogue's continuations of its prefix
-        logits = logits.masked_fill(~allowed_by_brute_force(catalogue.sid_tokens.tolist(), labels.tolist()),
-                                    float("-inf"))
-    token_scores = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    # catalogue_softmax: each token's softmax over the catalogue's continuations of its prefix, found independently
+    allowed = (allowed_by_brute_force(catalogue.sid_tokens.tolist(), labels.tolist()) if model.catalogue_softmax
+               else None)
+    token_scores = model.sid_log_probs(hidden.repeat_interleave(num_items, 0),
+                                       hidden_mask.repeat_interleave(num_items, 0), labels, allowed)
     return token_scores.sum(-1).view(batch_size, num_items)
 
 

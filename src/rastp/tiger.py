@@ -330,8 +330,7 @@ class Tiger(nn.Module):
         With `catalogue_softmax`, `allowed_tokens` [B, S, V] (`SidCatalogue.allowed_tokens(labels)`) says which tokens
         each position's softmax is over.
         """
-        if self.catalogue_softmax != (allowed_tokens is not None):
-            raise ValueError("allowed_tokens must be given exactly when the model has catalogue_softmax")
+        self._check_allowed_tokens(allowed_tokens)
         hidden_states, attention_mask = self.encode(input_ids, attention_mask)
         out = self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels)
         if allowed_tokens is None:
@@ -339,11 +338,23 @@ class Tiger(nn.Module):
         logits = out.logits.masked_fill(~allowed_tokens, float("-inf"))
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    def decode(self, decoder_input_ids: torch.LongTensor, encoder_hidden_states: torch.Tensor,
-               encoder_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B, t, V] of the stock T5 decoder + LM head, teacher-forced on given encoder states."""
-        return self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
-                       decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    def _check_allowed_tokens(self, allowed_tokens: torch.Tensor | None) -> None:
+        if self.catalogue_softmax != (allowed_tokens is not None):
+            raise ValueError("allowed_tokens must be given exactly when the model has catalogue_softmax")
+
+    def sid_log_probs(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                      labels: torch.LongTensor, allowed_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Each token's log-probability [B, S] in fp32 of the SIDs `labels` [B, S], teacher-forced through the stock
+        T5 decoder and LM head on given encoder states: the reference the beam search is tested and judged against.
+        Its softmax is over the vocabulary, or with `catalogue_softmax` over `allowed_tokens` [B, S, V] (as `forward`).
+        """
+        self._check_allowed_tokens(allowed_tokens)
+        logits = self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
+                         decoder_input_ids=self.t5.prepare_decoder_input_ids_from_labels(labels=labels),
+                         use_cache=False).logits.float()
+        if allowed_tokens is not None:
+            logits = logits.masked_fill(~allowed_tokens, float("-inf"))
+        return logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
 
     def cross_attention_keys_values(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """Each decoder block's cross-attention keys, transposed [B, H, d_kv, T'] (ready for query @ keys), and values
@@ -365,7 +376,7 @@ class Tiger(nn.Module):
         self-attention reads the beams' cached prefixes (at most the SID's length) from a cache that the search can
         split by beams (`BeamCache.select`), cross-attention groups the W beams of a history as W queries on that
         history's keys/values (`cross_attention_keys_values`), where the stock decoder would need them repeated W
-        times. Equals `decode` (tested through the beam search's exactness).
+        times. Equals the stock decoder (`sid_log_probs`; tested through the beam search's exactness).
         """
         if self.training:
             raise RuntimeError("Tiger.beam_step runs in eval mode (it applies no dropout)")
