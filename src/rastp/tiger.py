@@ -369,8 +369,9 @@ class Tiger(nn.Module):
 
     def beam_step(self, tokens: torch.LongTensor, cache: BeamCache, cross_keys_values: list[tuple[torch.Tensor, ...]],
                   encoder_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B * W, V] of W beams per history, each fed its last token [B * W]; appends the beams'
-        self-attention keys and values to `cache`. Eval mode only (no dropout).
+        """Next-token logits [B * W, V'] of W beams per history, each fed its last token [B * W]; appends the beams'
+        self-attention keys and values to `cache`. V' >= V: the vocabulary padded to a multiple of 16 tokens, whose
+        padding has logits -inf (no share of any softmax). Eval mode only (no dropout).
 
         The stock decoder block by block, with its weights, but its attention written for one query per beam: the
         self-attention reads the beams' cached prefixes (at most the SID's length) from a cache that the search can
@@ -415,4 +416,9 @@ class Tiger(nn.Module):
         hidden_states = decoder.final_layer_norm(hidden_states)
         if self.t5.config.scale_decoder_outputs:  # as T5ForConditionalGeneration (T5's d_model^-0.5)
             hidden_states = hidden_states * self.t5.config.d_model**-0.5
-        return self.t5.lm_head(hidden_states)
+        # The LM head padded with zero rows to a multiple of 16 tokens: MKL's fp32 matmul runs this, the search's
+        # largest product, 1.6x faster so (Beauty: 3025 -> 3040 tokens, 17 -> 11 ms; the whole search 1.026x).
+        vocab_size = self.t5.config.vocab_size
+        logits = hidden_states @ nn.functional.pad(self.t5.lm_head.weight, (0, 0, 0, -vocab_size % 16)).T
+        logits[:, vocab_size:] = float("-inf")
+        return logits
