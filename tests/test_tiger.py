@@ -225,6 +225,26 @@ def test_keep_ratio_one_equals_unpruned_model():
     torch.testing.assert_close(pruned(input_ids, mask, labels), unpruned(input_ids, mask, labels))
 
 
+@pytest.mark.parametrize("catalogue_softmax", [False, True])
+def test_training_loss_is_the_mean_negative_log_probability_of_the_labels(catalogue_softmax):
+    """`forward`'s loss is what `sid_log_probs` (the beam search's reference) scores the same labels: over the
+    vocabulary, or over each position's allowed tokens only."""
+    torch.manual_seed(0)
+    model = Tiger(vocab_size=VOCAB, sid_length=SID_LENGTH, num_layers=2, num_decoder_layers=2, d_model=32,
+                  num_heads=4, d_kv=8, d_ff=64, dropout=0.0, catalogue_softmax=catalogue_softmax).eval()
+    input_ids, mask, labels = make_batch()
+    allowed = None
+    if catalogue_softmax:
+        allowed = torch.rand(*labels.shape, VOCAB, generator=torch.Generator().manual_seed(2)) < 0.2
+        allowed.scatter_(2, labels[..., None], True)
+    loss = model(input_ids, mask, labels, allowed)
+    log_probs = model.sid_log_probs(*model.encode(input_ids, mask), labels, allowed)
+    torch.testing.assert_close(loss, -log_probs.mean())
+    model.catalogue_softmax = False
+    vocabulary_loss = -model.sid_log_probs(*model.encode(input_ids, mask), labels).mean()
+    assert (loss < vocabulary_loss - 0.1) == catalogue_softmax  # fewer tokens share each softmax
+
+
 def test_keep_positions_uses_original_positions():
     """Gathering the kept tokens with their original positions equals masking the dropped ones out of the
     full-length sequence in the later blocks; compact positions (the published code's behaviour) differ."""

@@ -332,10 +332,12 @@ class Tiger(nn.Module):
         """
         self._check_allowed_tokens(allowed_tokens)
         hidden_states, attention_mask = self.encode(input_ids, attention_mask)
-        out = self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels)
         if allowed_tokens is None:
-            return out.loss
-        logits = out.logits.masked_fill(~allowed_tokens, float("-inf"))
+            return self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels).loss
+        # Labels are not handed to T5 here: its loss over the whole vocabulary would be computed and thrown away.
+        logits = self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask,
+                         decoder_input_ids=self.t5.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+        logits = logits.masked_fill(~allowed_tokens, float("-inf"))
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
     def _check_allowed_tokens(self, allowed_tokens: torch.Tensor | None) -> None:
