@@ -330,19 +330,20 @@ class Tiger(nn.Module):
         With `catalogue_softmax`, `allowed_tokens` [B, S, V] (`SidCatalogue.allowed_tokens(labels)`) says which tokens
         each position's softmax is over.
         """
-        self._check_allowed_tokens(allowed_tokens)
         hidden_states, attention_mask = self.encode(input_ids, attention_mask)
-        if allowed_tokens is None:
-            return self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask, labels=labels).loss
-        # Labels are not handed to T5 here: its loss over the whole vocabulary would be computed and thrown away.
-        logits = self.t5(encoder_outputs=(hidden_states,), attention_mask=attention_mask,
-                         decoder_input_ids=self.t5.prepare_decoder_input_ids_from_labels(labels=labels)).logits
-        logits = logits.masked_fill(~allowed_tokens, float("-inf"))
+        logits = self._sid_logits(hidden_states, attention_mask, labels, allowed_tokens)
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    def _check_allowed_tokens(self, allowed_tokens: torch.Tensor | None) -> None:
+    def _sid_logits(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                    labels: torch.LongTensor, allowed_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, S, V] of the SIDs `labels` [B, S], teacher-forced through the stock T5 decoder and LM head;
+        -inf outside `allowed_tokens` where the model has `catalogue_softmax`."""
         if self.catalogue_softmax != (allowed_tokens is not None):
             raise ValueError("allowed_tokens must be given exactly when the model has catalogue_softmax")
+        logits = self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
+                         decoder_input_ids=self.t5.prepare_decoder_input_ids_from_labels(labels=labels),
+                         use_cache=False).logits
+        return logits if allowed_tokens is None else logits.masked_fill(~allowed_tokens, float("-inf"))
 
     def sid_log_probs(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
                       labels: torch.LongTensor, allowed_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,12 +351,7 @@ class Tiger(nn.Module):
         T5 decoder and LM head on given encoder states: the reference the beam search is tested and judged against.
         Its softmax is over the vocabulary, or with `catalogue_softmax` over `allowed_tokens` [B, S, V] (as `forward`).
         """
-        self._check_allowed_tokens(allowed_tokens)
-        logits = self.t5(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
-                         decoder_input_ids=self.t5.prepare_decoder_input_ids_from_labels(labels=labels),
-                         use_cache=False).logits.float()
-        if allowed_tokens is not None:
-            logits = logits.masked_fill(~allowed_tokens, float("-inf"))
+        logits = self._sid_logits(encoder_hidden_states, encoder_attention_mask, labels, allowed_tokens).float()
         return logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
 
     def cross_attention_keys_values(self, encoder_hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
