@@ -15,7 +15,7 @@ import torch
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-# Set to 1, keep_freed_memory_for_reuse leaves glibc's defaults: less peak memory, or the comparison in the README.
+# Set to 1, keep_freed_memory_for_reuse leaves glibc's defaults: less peak memory, or bench/README.md's comparison.
 MALLOC_DEFAULTS_ENV = "RASTP_GLIBC_MALLOC_DEFAULTS"
 
 
@@ -27,8 +27,8 @@ def trainer_device(accelerator: str) -> torch.device:
 def resolve_precision(precision: str, accelerator: str) -> str:
     """Lightning's precision for TIGER. `auto`: bf16 mixed precision where the device multiplies bf16 in hardware (a
     CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX), else fp32; any other value is Lightning's own. On the README's
-    AVX512-BF16 CPU the train stage runs 2.0x faster in bf16-mixed, at the same validation loss (README); without the
-    instructions bf16 would be emulated, so fp32 is kept."""
+    AVX512-BF16 CPU the train stage runs 2.0x faster in bf16-mixed, at the same validation loss (bench/README.md);
+    without the instructions bf16 would be emulated, so fp32 is kept."""
     if precision != "auto":
         return precision
     if trainer_device(accelerator).type == "cuda":
@@ -48,7 +48,7 @@ def keep_freed_memory_for_reuse() -> bool:
     freed, and gives freed memory at the top of the heap back. A training step frees its activations and allocates
     them again in the next step, so the pages come back from the kernel zeroed, one page fault per 4 KiB, step after
     step: on the README's 2-core CPU a sixth of an unpruned TIGER's training time at batch 256, two fifths with four
-    pruned models interleaved ("CPU memory" in the README). Kept, they cost more peak memory, since the heap no
+    pruned models interleaved ("CPU memory" in bench/README.md). Kept, they cost more peak memory, since the heap no
     longer shrinks between a step's peaks (measured: up to 15% more when training, 1.8x for transformers'
     `generate`). Outputs do not change."""
     if platform.libc_ver()[0] != "glibc" or os.environ.get(MALLOC_DEFAULTS_ENV) == "1":

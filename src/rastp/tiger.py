@@ -84,7 +84,7 @@ class FeedForward(nn.Module):
     T5's casts the ReLU's output to wo's weight dtype: under bf16 autocast (bf16-mixed) that sends the widest
     activation, [B, T, d_ff], from bf16 to fp32 and back (autocast casts it again for wo), forward and backward, for
     nothing. The ReLU is in place. bf16-mixed training steps run 1.02x-1.08x faster on CPU, bit for bit the same
-    (README).
+    (bench/README.md).
     """
 
     def __init__(self, dense: nn.Module):
@@ -114,8 +114,8 @@ def tiger_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
       mask;
     - on CPU, bf16 with gradients (bf16-mixed training): SDPA's CPU kernels (the fused one for cross-attention, its
       math fallback where the position bias needs gradients) run their bf16 backward far slower than these matmuls;
-      TIGER's bf16 training steps run ~1.4x faster this way (README). In fp32 (and without gradients) SDPA is as fast
-      or faster, and stays.
+      TIGER's bf16 training steps run ~1.4x faster this way (bench/README.md). In fp32 (and without gradients)
+      SDPA is as fast or faster, and stays.
 
     The masks are SDPA's: boolean (True: attend) or additive, or None with `is_causal` for causal self-attention.
     """
