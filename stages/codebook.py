@@ -7,7 +7,7 @@ import torch
 
 from rastp import config
 from rastp.cli import run_stage
-from rastp.io import DataError, atomic_path, write_json
+from rastp.io import atomic_path, read_npy, write_json
 from rastp.quantizers import fit_codebook
 
 
@@ -30,10 +30,7 @@ def usage_table(usage_rows):
 def main(argv):
     cfg, paths = config.load(argv)
     source = paths.embeddings()
-    try:
-        embeddings = np.load(source)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{source}: cannot read embeddings ({err})") from None
+    embeddings = read_npy(source)
     codebook_cfg = {**config.to_dict(cfg.codebook), "codebook_size": cfg.codebook_size[paths.dataset]}
     result = fit_codebook(embeddings, codebook_cfg, seed=cfg.seed,
                           trainer=config.to_dict(cfg.trainer), source=str(source))

@@ -4,14 +4,14 @@ import numpy as np
 
 from rastp import config
 from rastp.cli import run_stage
-from rastp.io import atomic_path, write_json
+from rastp.io import atomic_path, read_npy, write_json
 from rastp.sids import assign_sids, sid_report
 
 
 def main(argv):
     cfg, paths = config.load(argv)
     codes_path = paths.codebook() / "codes.npy"
-    codes = np.load(codes_path)
+    codes = read_npy(codes_path)
     sids = assign_sids(codes, int(cfg.sids.dedup_size), source=str(codes_path))
     codebook_size = int(cfg.codebook_size[paths.dataset])
     with atomic_path(paths.sids(write=True), directory=True) as tmp:

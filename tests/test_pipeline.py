@@ -59,6 +59,11 @@ def test_fresh_clone_repro_runs_every_stage_and_writes_metrics(built):
     # training curves for `dvc plots`: one row per logged step
     curves = list((repo / "metrics/train/tiny/plots/metrics").rglob("*.tsv"))
     assert any("ndcg" in p.name for p in curves)
+    # The train metrics name the model saved, the best validation's, beside DVCLive's last values.
+    validations = (repo / "metrics/train/tiny/plots/metrics/val/ndcg@10.tsv").read_text().splitlines()[1:]
+    saved = json.loads((repo / "metrics/train/tiny/metrics.json").read_text())["saved_model"]
+    assert saved["val"]["ndcg@10"] == pytest.approx(max(float(line.split("\t")[-1]) for line in validations))
+    assert len(validations) == 3 and saved["step"] > 0 and set(saved["val"]) == {"loss", "recall@10", "ndcg@10"}
     assert "metrics/tiny.json" in run(DVC + ["metrics", "show"], repo).stdout
 
 

@@ -28,7 +28,7 @@ def config(**overrides) -> dict:
     cfg = {
         "method": "rqvae", "input_dim": 16, "levels": 2, "codebook_size": 8,
         "rqvae": {"hidden_dims": [32], "latent_dim": 4, "beta": 0.25, "quantize": "ste"},
-        "gumbel": {"temperature": 2.0, "min_temperature": 0.05, "decay": 0.9995, "schedule": "exponential",
+        "gumbel": {"temperature": 2.0, "min_temperature": 0.05, "schedule": "exponential",
                    "update_every": 1},
         "standardize": True, "kmeans_init": True, "kmeans_iters": 10, "dead_code_steps": 20,
         "last_level": "nearest", "lr": 0.003, "batch_size": 64, "epochs": 15,
@@ -96,9 +96,9 @@ def test_straight_through_passes_decoder_gradient_to_encoder_unchanged():
 # --------------------------------------------------------------------------- Gumbel-softmax
 
 def schedule(name, update_every=1):
-    # tau0 = 2, floor = 1/8 and decay = 1/2: the exponential schedule reaches the floor after 4 updates.
-    return Settings.parse(config(gumbel__temperature=2.0, gumbel__min_temperature=0.125, gumbel__decay=0.5,
-                                 gumbel__schedule=name, gumbel__update_every=update_every))
+    # tau0 = 2 and floor = 1/8: over a run of 5 steps the exponential schedule halves the temperature at each step.
+    return Settings.parse(config(gumbel__temperature=2.0, gumbel__min_temperature=0.125, gumbel__schedule=name,
+                                 gumbel__update_every=update_every))
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -107,14 +107,16 @@ def schedule(name, update_every=1):
     ("cosine", [2.0, 0.125 + 1.875 * (1 + math.sqrt(0.5)) / 2, 1.0625, 0.125 + 1.875 * (1 - math.sqrt(0.5)) / 2,
                 0.125, 0.125]),
 ])
-def test_temperature_schedules(name, expected):
+def test_temperature_schedules_reach_the_floor_at_the_last_step(name, expected):
     s = schedule(name)
-    assert [gumbel_temperature(t, s) for t in [0, 1, 2, 3, 4, 10]] == pytest.approx(expected)
+    assert [gumbel_temperature(t, 5, s) for t in [0, 1, 2, 3, 4, 10]] == pytest.approx(expected)
+    # A run twice as long anneals half as fast: the same temperatures at the same fractions of the run.
+    assert [gumbel_temperature(t, 9, s) for t in [0, 2, 4, 6, 8]] == pytest.approx(expected[:5])
 
 
 def test_temperature_changes_every_update_every_steps():
     s = schedule("exponential", update_every=3)
-    assert [gumbel_temperature(t, s) for t in [0, 2, 3, 5, 6]] == pytest.approx([2.0, 2.0, 1.0, 1.0, 0.5])
+    assert [gumbel_temperature(t, 7, s) for t in [0, 2, 3, 5, 6]] == pytest.approx([2.0, 2.0, 0.5, 0.5, 0.125])
 
 
 def test_gumbel_softmax_divides_by_the_temperature_once():
@@ -217,7 +219,7 @@ def test_distinct_last_level_separates_items_that_share_a_prefix():
 
 @pytest.mark.parametrize("overrides", [
     {"method": "rqvae", "epochs": 60},
-    {"method": "rqvae", "epochs": 60, "lr": 0.01, "rqvae__quantize": "gumbel", "gumbel__decay": 0.98},
+    {"method": "rqvae", "epochs": 60, "lr": 0.01, "rqvae__quantize": "gumbel"},
     {"method": "rvq", "kmeans_init": False},
     {"method": "rqkmeans"},
 ])
@@ -252,7 +254,8 @@ def test_each_method_trains_and_lowers_reconstruction_error(overrides):
 def test_gumbel_history_records_the_annealed_temperature():
     result = fit_codebook(clustered(), config(rqvae__quantize="gumbel", epochs=3), seed=0, trainer=CPU)
     temperatures = [row["temperature"] for row in result.history if "temperature" in row]
-    assert temperatures == pytest.approx([2.0 * 0.9995 ** (4 * (epoch + 1)) for epoch in range(3)])
+    # 3 epochs of 4 batches: 12 steps, from 2.0 at step 0 to the floor 0.05 at step 11, recorded after each epoch.
+    assert temperatures == pytest.approx([2.0 * 0.025 ** (4 / 11), 2.0 * 0.025 ** (8 / 11), 0.05])
     assert result.report["method"] == "rqvae-gumbel"
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from rastp import config
 from rastp.beam_search import SidCatalogue, beam_search
 from rastp.config import ConfigError
 from rastp.evaluation import rank_examples
 from rastp.training import (PAD, SequenceBatches, SequenceDataModule, SidVocabulary, TigerModule, ValidateLastStep,
-                            length_order, make_examples, make_optimizer)
+                            length_order, make_examples, make_optimizer, train_tiger)
 
 
 def test_every_prefix_of_the_training_history_is_an_example():
@@ -160,3 +161,11 @@ def test_evaluation_batches_histories_of_like_lengths_and_answers_in_the_example
     assert torch.equal(exact.beam_items, one.items) and one.beam_items is None
     loader = data.val_dataloader()  # validation batches by length too
     assert list(loader.sampler) == length_order(data.sets["valid"].examples)
+
+
+def test_a_validation_beam_narrower_than_the_validation_list_is_refused_before_training(tmp_path):
+    cfg, _ = config.load(["dataset=ml100k", "train.val_beam_size=5"])
+    with pytest.raises(ConfigError, match=r"train.val_beam_size: 5 is below the 10 items a validation list"):
+        train_tiger([[0, 1, 2]], np.zeros((3, 2), dtype=np.int64), [4, 4], config.to_dict(cfg), tmp_path / "tiger.pt",
+                    tmp_path / "checkpoints", tmp_path / "live", seed=0)
+    assert not any(tmp_path.iterdir())

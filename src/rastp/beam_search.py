@@ -161,6 +161,7 @@ def exact_top_k(model: Tiger, input_ids: torch.LongTensor, attention_mask: torch
     Runs the model in eval mode and restores its mode afterwards.
     """
     catalogue = catalogue.to(input_ids.device)
+    seen = None if seen is None else seen.to(input_ids.device)  # indexed below by rows on the model's device
     with _eval_mode(model):
         encoded = _encode(model, input_ids, attention_mask)  # once, for both searches
         items, scores, _ = _search(model, encoded, catalogue, beam_size, seen, top_k=top_k)

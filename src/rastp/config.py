@@ -46,8 +46,8 @@ class Paths:
             return self.run_dir / rel
         return self.root / rel
 
-    def raw(self) -> Path:
-        return self._in(f"data/raw/{self.dataset}")
+    def raw(self, *, write: bool = False) -> Path:
+        return (self._out if write else self._in)(f"data/raw/{self.dataset}")
 
     def prepared(self, *, write: bool = False) -> Path:
         return (self._out if write else self._in)(f"data/prepared/{self.dataset}")
@@ -107,7 +107,6 @@ class RqvaeParams:
 class GumbelParams:
     temperature: float = MISSING
     min_temperature: float = MISSING
-    decay: float = MISSING
     schedule: str = MISSING
     update_every: int = MISSING
 
@@ -228,6 +227,14 @@ def check_types(cfg: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: missing params {missing}")
     if checked.trainer.precision not in PRECISIONS:  # else Lightning refuses it late, without naming the param
         raise ConfigError(f"{source}: trainer.precision: {checked.trainer.precision!r} is not one of {PRECISIONS}")
+    if checked.tiger.max_history < 1:
+        raise ConfigError(f"{source}: tiger.max_history: {checked.tiger.max_history} must be at least 1 (items of "
+                          "the history the encoder reads)")
+    # A beam returns at most beam_size items (the exact search only starts from it).
+    if not checked.evaluate.exact and checked.evaluate.beam_size < max(checked.evaluate.ks):
+        raise ConfigError(f"{source}: evaluate.beam_size: {checked.evaluate.beam_size} is below the "
+                          f"{max(checked.evaluate.ks)} items a list is scored on (evaluate.ks), with evaluate.exact "
+                          "false")
     return checked
 
 
@@ -267,6 +274,8 @@ def load(argv: Sequence[str] | None = None, *, needs_dataset: bool = True) -> tu
             raise ConfigError("missing dataset=<name> argument (one of the keys under `data` in params.yaml)")
         if dataset not in cfg.data:
             raise ConfigError(f"unknown dataset {dataset!r}: params.yaml `data` defines {sorted(cfg.data)}")
+        if dataset not in cfg.codebook_size:
+            raise ConfigError(f"params.yaml: codebook_size: no entry for dataset {dataset!r} (codes per level)")
     run_dir = None
     if overrides:
         digest = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]

@@ -106,16 +106,19 @@ def rank_examples(model, data, catalogue, *, beam_size: int, batch_size: int, to
 
 
 def evaluate_tiger(model_path, sequences: Sequence[Sequence[int]], sids: np.ndarray, *, max_history: int,
-                   beam_size: int, batch_size: int, ks: Sequence[int], exclude_seen: bool, exact: bool) -> dict:
+                   beam_size: int, batch_size: int, ks: Sequence[int], exclude_seen: bool, exact: bool,
+                   seed: int) -> dict:
     """Test-split metrics of a saved TIGER and of the most-popular baseline, plus search stats. With `exclude_seen`
     neither ranks an item the user already had (no user of MovieLens-100k or Beauty has an item twice, so none of them
     can be the target); with `exact` TIGER's lists are its exact top-K, else its beam's, and the beam's are scored
-    beside them (`tiger_beam`, with the paired standard errors of `exact_minus_beam`)."""
+    beside them (`tiger_beam`, with the paired standard errors of `exact_minus_beam`). `seed` seeds RASTP's `random`
+    score where the model prunes at test time."""
     from rastp.beam_search import SidCatalogue
     from rastp.training import SequenceBatches, load_model, make_examples, pad_rows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = load_model(model_path, map_location=device)
+    model.generator = torch.Generator(device=device).manual_seed(seed)
     item_tokens = vocab.item_tokens(sids)
     examples = make_examples(sequences, "test", max_history)
     data = SequenceBatches(examples, item_tokens, vocab)

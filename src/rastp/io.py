@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and line) and the problem."""
@@ -69,6 +71,17 @@ def remove_empty_folders(folders: list[Path]) -> None:
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """A stage's array input, or a DataError that names the file."""
+    path = Path(path)
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, ValueError) as err:  # truncated, not .npy, or pickled objects
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
 
 
 def read_json(path: str | Path):

@@ -61,7 +61,6 @@ class Settings:
     quantize: str
     temperature: float
     min_temperature: float
-    decay: float
     schedule: str
     update_every: int
     standardize: bool
@@ -102,7 +101,6 @@ class Settings:
             quantize=get("rqvae.quantize", str, lambda v: v in QUANTIZE, f"one of {list(QUANTIZE)}"),
             temperature=get("gumbel.temperature", float, *positive),
             min_temperature=get("gumbel.min_temperature", float, *positive),
-            decay=get("gumbel.decay", float, lambda v: 0 < v < 1, "a number in (0, 1)"),
             schedule=get("gumbel.schedule", str, lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
             update_every=get("gumbel.update_every", int, *positive),
             standardize=get("standardize", bool),
@@ -241,18 +239,15 @@ def sinkhorn_assign(d2: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- Gumbel-softmax
 
-def gumbel_temperature(update: int, s: Settings) -> float:
-    """Temperature after `update` optimizer steps, lowered every `gumbel.update_every` steps.
-
-    exponential: tau0 * decay^t, floored. cosine and linear go from tau0 to the floor over the same
-    horizon, the number of updates the exponential schedule needs to reach the floor.
-    """
-    t = update // s.update_every
+def gumbel_temperature(update: int, total_updates: int, s: Settings) -> float:
+    """Temperature at optimizer step `update` of `total_updates`: from `gumbel.temperature` (tau0) at the first step to
+    `gumbel.min_temperature` (the floor) at the last, whatever the run's length, lowered every `gumbel.update_every`
+    steps. exponential: tau0 * (floor / tau0)^f, f the fraction of the run done; cosine and linear: those curves
+    between the two."""
     tau0, floor = s.temperature, s.min_temperature
+    frac = min(1.0, (update - update % s.update_every) / max(1, total_updates - 1))
     if s.schedule == "exponential":
-        return max(floor, tau0 * s.decay ** t)
-    horizon = math.log(floor / tau0) / math.log(s.decay)
-    frac = min(t / horizon, 1.0) if horizon > 0 else 1.0
+        return tau0 * (floor / tau0) ** frac
     if s.schedule == "cosine":
         return floor + (tau0 - floor) * (1 + math.cos(math.pi * frac)) / 2
     return tau0 + (floor - tau0) * frac
@@ -474,7 +469,9 @@ def _lightning_module(model: Tokenizer, init_data: torch.Tensor, seed: int):
             self.dead_codes = DeadCodeReset(self.model.quantizer, s.dead_code_steps, self.generator)
 
         def temperature(self) -> float | None:
-            return gumbel_temperature(self.global_step, s) if s.gradient_mode == "gumbel" else None
+            if s.gradient_mode != "gumbel":
+                return None
+            return gumbel_temperature(self.global_step, self.trainer.estimated_stepping_batches, s)
 
         def training_step(self, batch, batch_idx):
             (x,) = batch

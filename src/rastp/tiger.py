@@ -169,15 +169,15 @@ def select_tokens(importance: torch.Tensor, attention_mask: torch.Tensor, keep_r
 
     Row b keeps its k_b = max(1, ceil(keep_ratio * n_b)) most important real tokens (n_b real tokens); given
     `max_length`, k_b = min(n_b, ceil(keep_ratio * max_length)): one budget for every row, which a shorter row keeps
-    whole. K is the largest k_b of the batch; a row with k_b < K is filled up with masked tokens. Padding is never kept
-    (every row needs a real token: TIGER's user token at least).
+    whole. K is the largest k_b of the batch (at least 1); a row with k_b < K is filled up with masked tokens. Padding
+    is never kept: a row of padding only (TIGER's rows all have a user token) keeps none, all masked.
     """
     real = attention_mask.bool()
     num_real = real.sum(dim=1)
     length = num_real if max_length is None else torch.full_like(num_real, max_length)
     # In float64 with a tolerance, so that e.g. 0.1 * 30 keeps 3 tokens, not ceil(3.0000000000000004) = 4.
-    num_keep = torch.minimum(torch.ceil(length.double() * keep_ratio - 1e-9).long(), num_real).clamp(min=1)
-    width = int(num_keep.max())
+    num_keep = torch.minimum(torch.ceil(length.double() * keep_ratio - 1e-9).long().clamp(min=1), num_real)
+    width = max(1, int(num_keep.max()))
     importance = importance.masked_fill(~real, float("-inf"))
     ranked = importance.topk(width, dim=1).indices  # most important first
     kept = torch.arange(width, device=ranked.device)[None, :] < num_keep[:, None]
@@ -266,7 +266,8 @@ class Tiger(nn.Module):
         return self.rastp.enabled and (self.prunes_in_training if self.training else self.rastp.at_eval)
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder hidden states [B, T', d] and their mask [B, T'] (T' < T when RASTP prunes)."""
+        """Encoder hidden states [B, T', d] and their mask [B, T'] (T' <= T: the kept tokens' width where RASTP prunes,
+        else T)."""
         encoder = self.t5.encoder
         hidden_states = encoder.dropout(encoder.embed_tokens(input_ids))
         mask4d = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden_states,

@@ -25,9 +25,11 @@ from rastp.config import ConfigError
 from rastp.data import split_user
 from rastp.evaluation import ranking_metrics
 from rastp.hardware import resolve_precision
+from rastp.io import read_json, write_json
 from rastp.tiger import RastpConfig, Tiger
 
 PAD = 0  # padding and decoder start token
+VALIDATION_TOP_K = 10  # validation scores each history's top 10: val/ndcg@10 picks the checkpoint
 
 
 @dataclass(frozen=True)
@@ -190,9 +192,9 @@ class TigerModule(L.LightningModule):
         self.log("val/loss", next_sid_loss(self.model, batch, self.catalogue.to(self.device)), batch_size=size,
                  sync_dist=True)
         found = beam_search(self.model, batch["input_ids"], batch["attention_mask"], self.catalogue.to(self.device),
-                            beam_size=self.hparams.val_beam_size, top_k=10,
+                            beam_size=self.hparams.val_beam_size, top_k=VALIDATION_TOP_K,
                             seen=batch["seen"] if self.hparams.exclude_seen else None)
-        for name, value in ranking_metrics(found.items, batch["target"], ks=(10,)).items():
+        for name, value in ranking_metrics(found.items, batch["target"], ks=(VALIDATION_TOP_K,)).items():
             self.log(f"val/{name}", value, prog_bar=name == "ndcg@10", batch_size=size, sync_dist=True)
 
     def configure_optimizers(self):
@@ -252,10 +254,12 @@ class ValidateLastStep(L.Callback):
 
 
 class ProgressLog(L.Callback):
-    """One line every `every` steps and after each validation: readable in DVC's logs and CI, unlike a tqdm bar."""
+    """One line every `every` steps and after each validation: readable in DVC's logs and CI, unlike a tqdm bar. Keeps
+    each validation's metrics by step (`validations`)."""
 
     def __init__(self, every: int = 50):
         self.every, self.start, self.examples = every, None, 0
+        self.validations: dict[int, dict[str, float]] = {}  # step -> {"ndcg@10": ..., "loss": ...}
 
     def on_train_start(self, trainer, module):
         self.start = time.perf_counter()
@@ -271,7 +275,10 @@ class ProgressLog(L.Callback):
 
     def on_validation_end(self, trainer, module):
         if not trainer.sanity_checking:
-            shown = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
+                       if k.startswith("val/")}
+            self.validations[trainer.global_step] = metrics
+            shown = {k: round(v, 4) for k, v in metrics.items()}
             print(f"[train] step {trainer.global_step} validation {shown}", file=sys.stderr, flush=True)
 
 
@@ -290,13 +297,17 @@ def load_model(path: Path, map_location="cpu") -> tuple[Tiger, SidVocabulary]:
 
 def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Mapping, model_path: Path,
                 checkpoint_dir: Path, live_dir: Path, *, seed: int) -> dict:
-    """Fit TIGER on one dataset; saves the best model on validation NDCG@10 to `model_path`,
-    training curves to `live_dir` (DVCLive)."""
+    """Fit TIGER on one dataset; saves the best model on validation NDCG@10 to `model_path`, training curves to
+    `live_dir` (DVCLive), whose metrics.json gets the saved model's step and validation metrics (`saved_model`) beside
+    the last values logged."""
     from dvclive.lightning import DVCLiveLogger
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     L.seed_everything(seed, workers=True)
     tiger_cfg, train_cfg, trainer_cfg = cfg["tiger"], cfg["train"], cfg["trainer"]
+    if int(train_cfg["val_beam_size"]) < VALIDATION_TOP_K:  # a beam returns at most its width of items
+        raise ConfigError(f"train.val_beam_size: {train_cfg['val_beam_size']} is below the {VALIDATION_TOP_K} items a "
+                          "validation list is scored on")
     vocab = SidVocabulary(tuple(level_sizes), int(tiger_cfg["user_buckets"]))
     item_tokens = vocab.item_tokens(sids)
     data = SequenceDataModule(sequences, item_tokens, vocab, max_history=int(tiger_cfg["max_history"]),
@@ -320,19 +331,27 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     val_every = min(int(train_cfg["val_every_steps"]), min(limits))
     precision = resolve_precision(str(trainer_cfg["precision"]), str(trainer_cfg["accelerator"]))
     print(f"[train] precision {precision}", file=sys.stderr, flush=True)
+    progress = ProgressLog()
     trainer = L.Trainer(
         **{**trainer_cfg, "precision": precision}, max_epochs=max_epochs, max_steps=max_steps,
         max_time={"minutes": max_minutes} if max_minutes > 0 else None,
         val_check_interval=val_every or None, check_val_every_n_epoch=None if val_every else 1,
         callbacks=[checkpoints, EarlyStopping(monitor="val/ndcg@10", mode="max", patience=int(train_cfg["patience"])),
-                   ValidateLastStep(min(limits)), ProgressLog()],
+                   ValidateLastStep(min(limits)), progress],
         enable_progress_bar=False,
         logger=DVCLiveLogger(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False),
         default_root_dir=checkpoint_dir, deterministic=False, enable_model_summary=False, log_every_n_steps=20,
     )
     trainer.fit(module, datamodule=data)
-    if trainer.global_rank == 0:
+    summary = {"best_val_ndcg@10": float(checkpoints.best_model_score), "epochs": trainer.current_epoch,
+               "steps": trainer.global_step, "train_examples": len(data.sets["train"]), "precision": precision}
+    if trainer.global_rank == 0:  # the only rank that saves checkpoints
+        summary["best_step"] = torch.load(checkpoints.best_model_path, map_location="cpu",
+                                          weights_only=False)["global_step"]
         best = TigerModule.load_from_checkpoint(checkpoints.best_model_path, item_tokens=item_tokens, map_location="cpu")
         save_model(model_path, best, vocab)
-    return {"best_val_ndcg@10": float(checkpoints.best_model_score), "epochs": trainer.current_epoch,
-            "steps": trainer.global_step, "train_examples": len(data.sets["train"]), "precision": precision}
+        # DVCLive's metrics.json holds the values logged last; the model saved is the best validation's.
+        metrics_file = live_dir / "metrics.json"
+        write_json(metrics_file, {**read_json(metrics_file), "saved_model": {
+            "step": summary["best_step"], "val": progress.validations[summary["best_step"]]}})
+    return summary
