@@ -264,25 +264,24 @@ def compose_params(overrides: Sequence[str] = (), params_file: str | Path = PARA
     return check_types(cfg, params_file.name + (f" with overrides {list(overrides)}" if overrides else ""))
 
 
-def load(argv: Sequence[str] | None = None, *, needs_dataset: bool = True) -> tuple[DictConfig, Paths]:
+def load(argv: Sequence[str] | None = None) -> tuple[DictConfig, Paths]:
     """Parse a stage script's arguments: the composed params and the dataset's paths."""
     argv = sys.argv[1:] if argv is None else list(argv)
     dataset, overrides = _split_args(argv)
     cfg = compose_params(overrides)
-    if needs_dataset:
-        if dataset is None:
-            raise ConfigError("missing dataset=<name> argument (one of the keys under `data` in params.yaml)")
-        if dataset not in cfg.data:
-            raise ConfigError(f"unknown dataset {dataset!r}: params.yaml `data` defines {sorted(cfg.data)}")
-        if dataset not in cfg.codebook_size:
-            raise ConfigError(f"params.yaml: codebook_size: no entry for dataset {dataset!r} (codes per level)")
+    if dataset is None:
+        raise ConfigError("missing dataset=<name> argument (one of the keys under `data` in params.yaml)")
+    if dataset not in cfg.data:
+        raise ConfigError(f"unknown dataset {dataset!r}: params.yaml `data` defines {sorted(cfg.data)}")
+    if dataset not in cfg.codebook_size:
+        raise ConfigError(f"params.yaml: codebook_size: no entry for dataset {dataset!r} (codes per level)")
     run_dir = None
     if overrides:
         digest = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
-        run_dir = Path("runs") / f"{dataset or 'all'}-{digest}"
+        run_dir = Path("runs") / f"{dataset}-{digest}"
         print(f"[rastp] hand run with overrides {overrides}: outputs go to {run_dir}/ (DVC's outputs are left untouched)",
               file=sys.stderr)
-    return cfg, Paths(dataset=dataset or "", run_dir=run_dir)
+    return cfg, Paths(dataset=dataset, run_dir=run_dir)
 
 
 def to_dict(node) -> dict:

@@ -346,10 +346,10 @@ def train_tiger(sequences, sids: np.ndarray, level_sizes: Sequence[int], cfg: Ma
     summary = {"best_val_ndcg@10": float(checkpoints.best_model_score), "epochs": trainer.current_epoch,
                "steps": trainer.global_step, "train_examples": len(data.sets["train"]), "precision": precision}
     if trainer.global_rank == 0:  # the only rank that saves checkpoints
-        summary["best_step"] = torch.load(checkpoints.best_model_path, map_location="cpu",
-                                          weights_only=False)["global_step"]
-        best = TigerModule.load_from_checkpoint(checkpoints.best_model_path, item_tokens=item_tokens, map_location="cpu")
-        save_model(model_path, best, vocab)
+        best = torch.load(checkpoints.best_model_path, map_location="cpu", weights_only=False)
+        summary["best_step"] = best["global_step"]
+        module.cpu().load_state_dict(best["state_dict"])
+        save_model(model_path, module, vocab)
         # DVCLive's metrics.json holds the values logged last; the model saved is the best validation's.
         metrics_file = live_dir / "metrics.json"
         write_json(metrics_file, {**read_json(metrics_file), "saved_model": {
