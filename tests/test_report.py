@@ -31,5 +31,6 @@ def test_runs_differing_only_in_seed_are_averaged():
     assert seeds["seeds"] == [1, 2, 3] and other["runs"] == ["exp-lr"]
     stat = seeds["metrics"]["ml100k/tiger.ndcg@10"]
     assert stat["mean"] == pytest.approx(0.03) and stat["std"] == pytest.approx(0.01) and stat["n"] == 3
+    assert stat["values"] == {"main": 0.020, "exp-a": 0.030, "exp-b": 0.040}  # each run's own, by name
     assert "| ml100k | tiger.ndcg@10 | 0.0300 ± 0.0100 | 3 |" in markdown(seeds)
     assert "users" not in markdown(seeds) and "standard_error" not in markdown(seeds)

@@ -6,7 +6,7 @@
 
 Runs (the baseline commit and its experiments) whose params differ only in `seed` form one
 group; each group gets a table: dataset x model x metric, mean +- sample std over its seeds.
-`--json PATH` also writes the numbers.
+`--json PATH` also writes the numbers, each run's value included.
 """
 
 from __future__ import annotations
@@ -66,17 +66,19 @@ def seed_groups(runs: Iterable[dict]) -> list[dict]:
         groups[key].append(run)
     summaries = []
     for members in groups.values():
-        values = defaultdict(list)
+        values = defaultdict(dict)  # (dataset, metric) -> {run name: value}
         for run in members:
             for dataset, metrics in run["metrics"].items():
                 for name, value in metrics.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        values[(dataset, name)].append(float(value))
+                        values[(dataset, name)][run["name"]] = float(value)
         summaries.append({
             "runs": [run["name"] for run in members],
             "seeds": [run["params"].get("seed") for run in members],
-            "metrics": {f"{dataset}/{name}": {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                                              "n": len(v)}
+            # Each run's own value beside the mean, so that a seed's figure can be quoted from the file.
+            "metrics": {f"{dataset}/{name}": {"mean": statistics.fmean(v.values()),
+                                              "std": statistics.stdev(v.values()) if len(v) > 1 else 0.0,
+                                              "n": len(v), "values": v}
                         for (dataset, name), v in sorted(values.items())},
         })
     return sorted(summaries, key=lambda s: -len(s["runs"]))
