@@ -146,7 +146,6 @@ def test_select_tokens_with_a_max_length_budget_prunes_only_the_longer_rows():
         assert kept[row, :count].all() and not kept[row, count:].any()
 
 
-
 def test_select_tokens_keeps_no_padding_even_in_a_row_of_padding_only():
     mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])
     importance = torch.tensor([[1.0, 3.0, 2.0, 9.0], [5.0, 6.0, 7.0, 8.0]])
@@ -156,6 +155,7 @@ def test_select_tokens_keeps_no_padding_even_in_a_row_of_padding_only():
         assert not kept[1].any()  # nothing real to keep: the row stays wholly masked
     index, kept = select_tokens(importance[1:], mask[1:], 0.5)  # a batch of padding only keeps one masked column
     assert kept.shape == (1, 1) and not kept.any()
+
 
 def test_a_row_within_the_max_length_budget_is_not_pruned():
     """keep_ratio_of=max_length: a history no longer than the budget keeps every token and gets the unpruned model's
